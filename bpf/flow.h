@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The one definition of every type shared between the kernel program and the
+ * agent. src/ei_ebpf_agent/flow/record.py mirrors it as numpy dtypes and
+ * tests/unit/test_layout.py proves, from the compiled object's BTF, that both agree.
+ * Fixed-width types, explicit padding, no bitfields, no pointers.
+ */
+#ifndef EI_FLOW_H
+#define EI_FLOW_H
+
+#include <linux/types.h>
+
+#define FLOW_DIRECTION_INGRESS 0
+#define FLOW_DIRECTION_EGRESS 1
+
+/* Flow identity. Addresses are 16 bytes, IPv4 mapped as ::ffff:a.b.c.d.
+ * Multi-byte integers are in host byte order. */
+struct flow_key {
+	__u8 src_ip[16];
+	__u8 dst_ip[16];
+	__u32 if_index;
+	__u16 eth_protocol; /* EtherType of the payload after any VLAN tags */
+	__u16 src_port;     /* TCP/UDP/SCTP; 0 otherwise */
+	__u16 dst_port;
+	__u8 protocol;      /* IP protocol number; 0 for non-IP */
+	__u8 direction;     /* FLOW_DIRECTION_* */
+	__u8 icmp_type;     /* ICMP/ICMPv6 only */
+	__u8 icmp_code;
+	__u8 _pad0[2];
+};
+_Static_assert(sizeof(struct flow_key) == 48, "flow_key must be 48 bytes");
+
+/* Aggregated counters of one flow: exactly one 64-byte cache line. */
+struct flow_value {
+	__u64 packets;
+	__u64 bytes;         /* skb->len: the whole frame as seen by TC */
+	__u64 ip_bytes;      /* IP header + payload (RFC 7012 octets); 0 for non-IP */
+	__u64 first_seen_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	__u64 last_seen_ns;
+	__u32 sampling;      /* sampling rate in force when the flow was created */
+	__u16 tcp_flags;     /* OR of TCP flags, plus FLOW_FLAG_*_ACK combinations */
+	__u8 dscp;
+	__u8 _pad0;
+	__u8 src_mac[6];
+	__u8 dst_mac[6];
+	__u8 _pad1[4];
+};
+_Static_assert(sizeof(struct flow_value) == 64, "flow_value must fit one cache line");
+
+/* SYN+ACK, FIN+ACK, RST+ACK seen in one packet (pbflow "flags" semantics). */
+#define FLOW_FLAG_SYN_ACK 0x100
+#define FLOW_FLAG_FIN_ACK 0x200
+#define FLOW_FLAG_RST_ACK 0x400
+
+/* A packet that found the flow table full: sent through the ring buffer. */
+struct flow_record {
+	struct flow_key key;
+	struct flow_value value;
+};
+_Static_assert(sizeof(struct flow_record) == 112, "flow_record must be 112 bytes");
+
+/* Load-time configuration: the only member of .rodata, set by the loader. */
+struct agent_config {
+	__u32 sampling; /* 0 or 1: every packet; N: one packet in N on average */
+	__u32 _pad0;
+};
+_Static_assert(sizeof(struct agent_config) == 8, "agent_config must be 8 bytes");
+
+/* Indexes of the per-CPU `counters` array. */
+enum agent_counter {
+	COUNTER_RINGBUF_RECORDS = 0, /* packets sent through the ring buffer */
+	COUNTER_RINGBUF_LOST = 1,    /* ring buffer full too: packet not counted */
+	COUNTER_MAX = 2,
+};
+
+#endif /* EI_FLOW_H */

@@ -1,0 +1,3 @@
+from ei_ebpf_agent.cli import main
+
+raise SystemExit(main())

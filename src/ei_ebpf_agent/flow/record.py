@@ -1,0 +1,71 @@
+"""numpy mirrors of the structs in bpf/flow.h (the one definition of the layout).
+
+tests/unit/test_layout.py compares every size and offset below with the BTF of the
+compiled objects, so the two cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# struct flow_key (48 bytes). Byte order "=": the host's, like the kernel's.
+FLOW_KEY = np.dtype(
+    {
+        "names": [
+            "src_ip", "dst_ip", "if_index", "eth_protocol", "src_port", "dst_port",
+            "protocol", "direction", "icmp_type", "icmp_code",
+        ],
+        "formats": ["16u1", "16u1", "=u4", "=u2", "=u2", "=u2", "u1", "u1", "u1", "u1"],
+        "offsets": [0, 16, 32, 36, 38, 40, 42, 43, 44, 45],
+        "itemsize": 48,
+    }
+)
+
+# struct flow_value (64 bytes, one cache line).
+FLOW_VALUE = np.dtype(
+    {
+        "names": [
+            "packets", "bytes", "ip_bytes", "first_seen_ns", "last_seen_ns",
+            "sampling", "tcp_flags", "dscp", "src_mac", "dst_mac",
+        ],
+        "formats": ["=u8", "=u8", "=u8", "=u8", "=u8", "=u4", "=u2", "u1", "6u1", "6u1"],
+        "offsets": [0, 8, 16, 24, 32, 40, 44, 46, 48, 54],
+        "itemsize": 64,
+    }
+)
+
+
+def _concat(first: np.dtype, second: np.dtype) -> np.dtype:
+    """One flat dtype: the fields of `first`, then those of `second` after it."""
+    names = list(first.names) + list(second.names)
+    formats = [first.fields[n][0] for n in first.names] + [second.fields[n][0] for n in second.names]
+    offsets = [first.fields[n][1] for n in first.names] + [
+        first.itemsize + second.fields[n][1] for n in second.names
+    ]
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets,
+         "itemsize": first.itemsize + second.itemsize}
+    )
+
+
+# struct flow_record (112 bytes): key then value, flattened. The ring buffer carries
+# it, and a drained batch is decoded into it, so every exporter sees one layout.
+FLOW_RECORD = _concat(FLOW_KEY, FLOW_VALUE)
+
+# struct agent_config (8 bytes): the whole .rodata section.
+AGENT_CONFIG = np.dtype({"names": ["sampling"], "formats": ["=u4"], "offsets": [0], "itemsize": 8})
+
+KEY_FIELDS = FLOW_KEY.names
+VALUE_FIELDS = FLOW_VALUE.names
+
+DIRECTION_INGRESS = 0
+DIRECTION_EGRESS = 1
+
+# enum agent_counter
+COUNTER_RINGBUF_RECORDS = 0
+COUNTER_RINGBUF_LOST = 1
+COUNTER_MAX = 2
+
+FLAG_SYN_ACK = 0x100
+FLAG_FIN_ACK = 0x200
+FLAG_RST_ACK = 0x400
