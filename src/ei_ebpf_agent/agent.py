@@ -1,0 +1,166 @@
+"""Wires the stages: interfaces -> attach; every CACHE_ACTIVE_TIMEOUT: evict -> export.
+
+The stages know nothing of each other; this module owns their lifetime. Shutdown
+detaches first (so nothing more is counted), then drains one last time and flushes
+the exporter: every packet that was counted is exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import threading
+from typing import Dict, Tuple
+
+from ei_ebpf_agent.config import IPAddress, Settings
+from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram
+from ei_ebpf_agent.exporter import Exporter
+from ei_ebpf_agent.flow.tracer import FlowTracer
+from ei_ebpf_agent.ifaces import InterfaceFilter, InterfaceWatcher
+
+__all__ = ["Agent", "AgentStartError"]
+
+log = logging.getLogger(__name__)
+
+EXPORT_CLOSE_TIMEOUT = 10.0  # seconds the exporter may take to flush at shutdown
+
+
+def make_exporter(settings: Settings) -> Exporter:
+    """The exporter named by EXPORT (config has already validated the name)."""
+    if settings.export == "grpc":
+        from ei_ebpf_agent.exporter.grpc import GrpcExporter
+
+        return GrpcExporter(settings)
+    from ei_ebpf_agent.exporter.stdout import StdoutExporter
+
+    return StdoutExporter()
+
+
+def detect_agent_ip() -> IPAddress:
+    """The preferred source address of the default route, else any non-loopback one."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for family in (2, 10):  # AF_INET, AF_INET6
+            for route in ipr.get_default_routes(family=family):
+                source = route.get_attr("RTA_PREFSRC")
+                if source:
+                    return ipaddress.ip_address(source)
+                oif = route.get_attr("RTA_OIF")
+                for addr in ipr.get_addr(family=family, index=oif):
+                    return ipaddress.ip_address(addr.get_attr("IFA_ADDRESS"))
+        for addr in ipr.get_addr():
+            address = ipaddress.ip_address(addr.get_attr("IFA_ADDRESS"))
+            if not address.is_loopback and not address.is_link_local:
+                return address
+    return ipaddress.ip_address("127.0.0.1")
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # guards the two dicts below (watcher thread vs main)
+        self._attached: Dict[int, Tuple[str, list]] = {}  # if_index -> (name, attachments)
+        self._names: Dict[int, str] = {}  # every name seen, kept so late flows keep a name
+
+    def run(self) -> int:
+        settings = self.settings
+        self._install_signal_handlers()  # before attaching: a signal must not skip teardown
+        agent_ip = settings.agent_ip or detect_agent_ip()
+        with contextlib.ExitStack() as stack:
+            program = FlowProgram.load(
+                sampling=settings.sampling, max_flows=settings.cache_max_flows
+            )
+            stack.callback(program.close)
+            tracer = FlowTracer(program, interfaces_lookup=self._interface_names,
+                                agent_ip=agent_ip)
+            stack.callback(tracer.close)
+            exporter = make_exporter(settings)
+            stack.callback(exporter.close, EXPORT_CLOSE_TIMEOUT)
+            self._program = program
+            # Pop order: detach everything, then the final drain, then flush and close.
+            stack.callback(self._final_drain, tracer, exporter)
+            stack.callback(self._detach_all)
+            watcher = InterfaceWatcher(
+                mode=settings.listen_interfaces,
+                poll_period=settings.listen_poll_period,
+                filter=InterfaceFilter(settings.interfaces, settings.exclude_interfaces),
+                on_added=self._on_added,
+                on_removed=self._on_removed,
+            )
+            watcher.start()
+            stack.callback(watcher.stop)
+            log.info("agent started: %d interfaces attached, agent IP %s, exporting to %s",
+                     len(self._attached), agent_ip, settings.export)
+            while not self._stop.wait(settings.cache_active_timeout):
+                self._export(tracer.evict(), exporter)
+            log.info("stopping: detaching, final drain and export")
+        log.info("agent stopped")
+        return 0
+
+    def _export(self, batch, exporter: Exporter) -> None:
+        if len(batch):
+            exporter.export(batch)
+        self._forget_stale_names()
+
+    def _final_drain(self, tracer: FlowTracer, exporter: Exporter) -> None:
+        self._export(tracer.evict(), exporter)
+
+    def _install_signal_handlers(self) -> None:
+        def stop(signum, _frame) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def _directions(self) -> Tuple[str, ...]:
+        if self.settings.direction == "both":
+            return ("ingress", "egress")
+        return (self.settings.direction,)
+
+    def _on_added(self, if_index: int, name: str) -> None:
+        attachments = []
+        try:
+            for direction in self._directions():
+                attachments.append(
+                    self._program.attach(if_index, direction, self.settings.tc_attach_mode)
+                )
+        except OSError as error:
+            # The interface may vanish while we attach; anything else is worth a warning.
+            for attachment in attachments:
+                attachment.detach()
+            log.warning("cannot attach to %s (index %d): %s", name, if_index, error)
+            return
+        with self._lock:
+            self._attached[if_index] = (name, attachments)
+            self._names[if_index] = name
+        log.info("attached to %s (index %d, %s)", name, if_index, attachments[0].mode)
+
+    def _on_removed(self, if_index: int, name: str) -> None:
+        with self._lock:
+            entry = self._attached.pop(if_index, None)
+        if entry is None:
+            return
+        for attachment in entry[1]:
+            attachment.detach()  # the interface is gone: detach only releases our handle
+        log.info("interface %s (index %d) removed", name, if_index)
+
+    def _detach_all(self) -> None:
+        with self._lock:
+            entries, self._attached = list(self._attached.values()), {}
+        for _name, attachments in entries:
+            for attachment in attachments:
+                attachment.detach()
+
+    def _interface_names(self) -> Dict[int, str]:
+        with self._lock:
+            return dict(self._names)
+
+    def _forget_stale_names(self) -> None:
+        # A removed interface's name is kept for one more eviction, for its last flows.
+        with self._lock:
+            self._names = {i: n for i, n in self._names.items() if i in self._attached}
