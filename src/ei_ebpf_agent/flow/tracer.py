@@ -1,0 +1,255 @@
+"""Drains the kernel's flow tables and ring buffer into FlowBatch objects.
+
+Eviction is lossless: `evict()` points flows_outer[0] at the idle table, and the kernel
+returns from that update only after every program that could still see the old table
+has finished (RCU grace period), so the old table is then drained without races. A
+packet that found the table full arrived through the ring buffer instead; its record is
+merged into the batch by key.
+
+Shutdown order: detach the programs, `evict()` a last time (it consumes what is left
+in the ring buffer), then `close()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import select
+import threading
+import time
+from collections.abc import Mapping
+from typing import Callable
+
+import numpy as np
+
+from ei_ebpf_agent.ebpf import libbpf
+from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.ebpf.loader import FlowProgram
+from ei_ebpf_agent.flow.batch import FlowBatch, IPAddress
+from ei_ebpf_agent.flow.record import (
+    COUNTER_RINGBUF_LOST,
+    COUNTER_RINGBUF_RECORDS,
+    FLOW_KEY,
+    FLOW_RECORD,
+    FLOW_VALUE,
+)
+
+log = logging.getLogger(__name__)
+
+DRAIN_CHUNK = 4096  # flows per batch syscall
+POLL_TIMEOUT_MS = 100  # ring buffer poll period; also bounds how long close() waits
+
+_KEY_SIZE = FLOW_KEY.itemsize
+_VALUE_SIZE = FLOW_VALUE.itemsize
+_RECORD_SIZE = FLOW_RECORD.itemsize
+
+
+class FlowTracer:
+    """Turns the loaded program's tables into batches; polls its ring buffer meanwhile."""
+
+    def __init__(self, program: FlowProgram, *,
+                 interfaces_lookup: Callable[[], Mapping[int, str]],
+                 agent_ip: IPAddress, drain_chunk: int = DRAIN_CHUNK) -> None:
+        self._program = program
+        self._interfaces_lookup = interfaces_lookup
+        self._agent_ip = agent_ip
+        self._drain_chunk = drain_chunk
+        self._active = "flows_a"  # the table the programs write to (loader set slot 0)
+        self._evict_lock = threading.Lock()
+        # Drain buffers, allocated once: the kernel writes into them directly.
+        capacity = program.max_flows
+        self._keys = np.zeros(capacity, dtype=FLOW_KEY)
+        self._values = np.zeros(capacity, dtype=FLOW_VALUE)
+        self._token = ctypes.create_string_buffer(_KEY_SIZE)  # opaque batch cursor
+        self._batch_opts = libbpf.make_opts(libbpf.bpf_map_batch_opts)
+
+        # Stats, read by the metrics module.
+        self.evictions = 0
+        self.evicted_flows = 0
+        self.evicted_packets = 0
+        self.evicted_bytes = 0
+        self.ringbuf_records = 0  # records received from the ring buffer
+        self.map_fill_ratio = 0.0  # flows in the last drained table / its max_entries
+        self.kernel_ringbuf_records = 0  # per-CPU `counters` summed
+        self.kernel_ringbuf_lost = 0
+
+        # Ring buffer: records are copied under _pending_lock by whoever consumes, which
+        # is the poll thread or evict(); _rb_lock keeps them from consuming at once.
+        self._pending: list = []
+        self._pending_lock = threading.Lock()
+        self._rb_lock = threading.Lock()
+        self._sample_cb = libbpf.ring_buffer_sample_fn(self._on_sample)  # kept alive
+        self._rb = libbpf.ring_buffer__new(
+            program.map_fds["flows_ringbuf"], self._sample_cb, None, None
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_loop, name="ringbuf", daemon=True)
+        self._thread.start()
+
+    # -- ring buffer --------------------------------------------------------------------
+
+    def _on_sample(self, _ctx: int, data: int, size: int) -> int:
+        record = ctypes.string_at(data, size)  # the kernel reuses the slot after we return
+        with self._pending_lock:
+            self._pending.append(record)
+        return 0
+
+    def _poll_loop(self) -> None:
+        # Wait on libbpf's epoll fd ourselves rather than in ring_buffer__poll, so that the
+        # consumer lock is held only while consuming and evict() never waits for a poll.
+        poller = select.poll()
+        poller.register(libbpf.ring_buffer__epoll_fd(self._rb), select.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(POLL_TIMEOUT_MS):
+                self._consume()
+
+    def _consume(self) -> None:
+        with self._rb_lock:
+            if self._rb is None:
+                return
+            try:
+                libbpf.ring_buffer__consume(self._rb)
+            except LibbpfError as error:
+                if error.errno != errno.EINTR:
+                    log.warning("reading the ring buffer failed: %s", error)
+
+    def _take_ring_records(self) -> np.ndarray:
+        self._consume()
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        good = [r for r in pending if len(r) == _RECORD_SIZE]
+        if len(good) != len(pending):
+            log.warning("ignored %d ring buffer records of unexpected size",
+                        len(pending) - len(good))
+        self.ringbuf_records += len(good)
+        return np.frombuffer(b"".join(good), dtype=FLOW_RECORD).copy()
+
+    # -- eviction -----------------------------------------------------------------------
+
+    def evict(self) -> FlowBatch:
+        """Swap the tables, drain the old one, merge ring buffer records: one batch."""
+        with self._evict_lock:
+            old = self._active
+            new = "flows_b" if old == "flows_a" else "flows_a"
+            self._program.set_active_table(new)  # returns when `old` is quiescent
+            self._active = new
+            count = self._drain(self._program.map_fds[old])
+            wall_offset_ns = time.time_ns() - time.monotonic_ns()  # ktime is CLOCK_MONOTONIC
+
+            records = np.empty(count, dtype=FLOW_RECORD)
+            raw = records.view(np.uint8).reshape(count, _RECORD_SIZE)
+            raw[:, :_KEY_SIZE] = self._keys[:count].view(np.uint8).reshape(count, _KEY_SIZE)
+            raw[:, _KEY_SIZE:] = self._values[:count].view(np.uint8).reshape(
+                count, _VALUE_SIZE
+            )
+            ring = self._take_ring_records()
+            if len(ring):
+                records = merge_by_key(_concat(records, ring))
+
+            self.evictions += 1
+            self.map_fill_ratio = count / self._program.max_flows
+            self.evicted_flows += len(records)
+            self.evicted_packets += int(records["packets"].sum())
+            self.evicted_bytes += int(records["bytes"].sum())
+            self._read_kernel_counters()
+            return FlowBatch(
+                records=records,
+                wall_offset_ns=wall_offset_ns,
+                interfaces=dict(self._interfaces_lookup()),
+                agent_ip=self._agent_ip,
+                extra={"ringbuf_records": len(ring), "table_flows": count},
+            )
+
+    def _drain(self, fd: int) -> int:
+        """Batch lookup-and-delete every entry of the map `fd` into the buffers; count."""
+        capacity = len(self._keys)
+        keys, values = self._keys.ctypes.data, self._values.ctypes.data
+        token = ctypes.addressof(self._token)
+        count = ctypes.c_uint32()
+        chunk = self._drain_chunk
+        total = 0
+        in_batch = None  # NULL: start from the beginning
+        while total < capacity:
+            count.value = min(chunk, capacity - total)
+            try:
+                libbpf.bpf_map_lookup_and_delete_batch(
+                    fd, in_batch, token, keys + total * _KEY_SIZE, values + total * _VALUE_SIZE,
+                    ctypes.byref(count), ctypes.byref(self._batch_opts),
+                )
+            except LibbpfError as error:
+                if error.errno == errno.ENOENT:  # end of the map; `count` entries still came
+                    total += count.value
+                    break
+                if error.errno == errno.ENOSPC and chunk < capacity - total:
+                    chunk *= 2  # one hash bucket holds more entries than `count`
+                    total += count.value
+                    continue
+                raise
+            total += count.value
+            in_batch = token
+        return total
+
+    def _read_kernel_counters(self) -> None:
+        try:
+            counters = self._program.read_counters()
+        except LibbpfError as error:
+            log.warning("cannot read the kernel counters: %s", error)
+            return
+        lost = int(counters[COUNTER_RINGBUF_LOST])
+        if lost > self.kernel_ringbuf_lost:
+            log.warning(
+                "%d packets were not counted: flow table and ring buffer both full "
+                "(raise CACHE_MAX_FLOWS or shorten CACHE_ACTIVE_TIMEOUT)",
+                lost - self.kernel_ringbuf_lost,
+            )
+        self.kernel_ringbuf_lost = lost
+        self.kernel_ringbuf_records = int(counters[COUNTER_RINGBUF_RECORDS])
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the poll thread and free the ring buffer, after one last consume.
+
+        Records read here are kept: a later `evict()` still returns them.
+        """
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._consume()
+        with self._rb_lock:
+            if self._rb is not None:
+                libbpf.ring_buffer__free(self._rb)
+                self._rb = None
+
+
+def _concat(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    # np.concatenate would drop the padding of the structured dtype: copy into FLOW_RECORD.
+    out = np.empty(len(first) + len(second), dtype=FLOW_RECORD)
+    out[: len(first)] = first
+    out[len(first):] = second
+    return out
+
+
+def merge_by_key(records: np.ndarray) -> np.ndarray:
+    """One row per distinct key: counters summed, first/last seen min/max, TCP flags ORed.
+
+    Other value fields (sampling, DSCP, MACs) come from the first row of each key, so
+    put table rows before ring buffer rows.
+    """
+    if len(records) == 0:
+        return records
+    raw = records.view(np.uint8).reshape(len(records), _RECORD_SIZE)
+    keys = np.ascontiguousarray(raw[:, :_KEY_SIZE]).view(f"V{_KEY_SIZE}").ravel()
+    _unique, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(inverse, kind="stable")  # stable: the first row of a key leads
+    grouped = records[order]
+    starts = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1]])
+    merged = grouped[starts].copy()
+    for name in ("packets", "bytes", "ip_bytes"):
+        merged[name] = np.add.reduceat(grouped[name], starts)
+    merged["first_seen_ns"] = np.minimum.reduceat(grouped["first_seen_ns"], starts)
+    merged["last_seen_ns"] = np.maximum.reduceat(grouped["last_seen_ns"], starts)
+    merged["tcp_flags"] = np.bitwise_or.reduceat(grouped["tcp_flags"], starts)
+    return merged
