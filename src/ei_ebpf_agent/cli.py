@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run_agent() -> int:
-    from ei_ebpf_agent.config import ConfigError, load_settings
+    from ei_ebpf_agent.config import ConfigError, describe, load_settings
 
     try:
         settings = load_settings(os.environ)
@@ -49,6 +49,7 @@ def _run_agent() -> int:
         print(f"ei-ebpf-agent: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     _configure_logging(settings.log_level)
+    logging.getLogger("ei_ebpf_agent").info(describe(settings))
 
     from ei_ebpf_agent.agent import Agent, AgentStartError
 
@@ -60,13 +61,10 @@ def _run_agent() -> int:
 
 
 def _configure_logging(level: str) -> None:
-    levels = {
-        "trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-        "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
-        "fatal": logging.CRITICAL, "panic": logging.CRITICAL,
-    }
+    from ei_ebpf_agent.config import log_level_number
+
     logging.basicConfig(
-        level=levels.get(level, logging.INFO),
+        level=log_level_number(level),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
