@@ -1,0 +1,323 @@
+"""IPFIX exporter (EXPORT=ipfix+udp / ipfix+tcp): queue, encode, send to the collector.
+
+`export` only queues the batch (bounded: a full queue drops the batch and counts it);
+one sender thread encodes it with ipfix_encode and sends the messages. The collector
+being down never raises: on TCP the thread reconnects with exponential backoff while
+the queue absorbs what it can; what cannot be sent is counted in `stats` and logged on
+state changes, not per batch.
+
+Transport sessions (RFC 7011 section 10): a TCP connection is a session, so every new
+connection starts at sequence number 0 and sends the templates first. On UDP the
+session is the exporter's socket; templates are sent first and then refreshed by time
+and by number of data messages, so a collector started later learns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from ei_ebpf_agent.exporter.ipfix_encode import MAX_MESSAGE_LEN, IpfixEncoder
+from ei_ebpf_agent.flow.batch import FlowBatch
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("udp", "tcp")
+DEFAULT_UDP_MESSAGE_SIZE = 1400  # fits a 1500-byte path MTU with IPv6 + UDP headers
+SEND_TIMEOUT = 10.0  # seconds a blocked TCP send may take before the connection is dropped
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0  # seconds between reconnection attempts
+
+# Reasons (metric label values) for dropped batches.
+DROP_QUEUE_FULL = "queue_full"
+DROP_SEND_ERROR = "send_error"
+DROP_SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class IpfixOptions:
+    """What the IPFIX exporter needs from Settings (see `from_settings`)."""
+
+    host: str
+    port: int
+    transport: str = "udp"  # one of TRANSPORTS
+    observation_domain_id: int = 1
+    max_message_size: int = 0  # 0: 1400 bytes on UDP, 65535 on TCP
+    template_refresh_interval: float = 60.0  # seconds, UDP only; 0 disables
+    template_refresh_messages: int = 1000  # data messages, UDP only; 0 disables
+    queue_length: int = 50  # batches waiting for the sender thread
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"IPFIX transport {self.transport!r} is not one of {TRANSPORTS}")
+
+    @property
+    def message_size(self) -> int:
+        if self.max_message_size:
+            return self.max_message_size
+        return DEFAULT_UDP_MESSAGE_SIZE if self.transport == "udp" else MAX_MESSAGE_LEN
+
+    @classmethod
+    def from_settings(cls, settings: object) -> "IpfixOptions":
+        """Options from Settings (EXPORT=ipfix+udp|ipfix+tcp, TARGET_*, IPFIX_*, BUFFERS_LENGTH)."""
+        def get(name: str, default: object) -> object:
+            return getattr(settings, name, default)
+
+        export = str(get("export", "ipfix+udp"))
+        return cls(
+            host=str(get("target_host", "")),
+            port=int(get("target_port", 0)),  # type: ignore[arg-type]
+            transport=export.split("+", 1)[1] if "+" in export else "udp",
+            observation_domain_id=int(get("ipfix_observation_domain_id", 1)),  # type: ignore
+            max_message_size=int(get("ipfix_max_message_size", 0)),  # type: ignore
+            template_refresh_interval=float(
+                get("ipfix_template_refresh_interval", 60.0)),  # type: ignore
+            template_refresh_messages=int(
+                get("ipfix_template_refresh_messages", 1000)),  # type: ignore
+            queue_length=int(get("buffers_length", 50)),  # type: ignore
+        )
+
+
+@dataclass
+class ExportStats:
+    """Cumulative counters, read by metrics at scrape time. Guarded by `lock`."""
+
+    flows_exported: int = 0
+    batches_exported: int = 0
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    errors: Dict[str, int] = field(default_factory=dict)  # reason -> count
+    dropped: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # reason -> (flows, batches)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def error(self, reason: str) -> None:
+        with self.lock:
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def drop(self, reason: str, flows: int, batches: int = 1) -> None:
+        with self.lock:
+            old_flows, old_batches = self.dropped.get(reason, (0, 0))
+            self.dropped[reason] = (old_flows + flows, old_batches + batches)
+
+    def snapshot(self) -> Mapping[str, object]:
+        with self.lock:
+            return {"flows_exported": self.flows_exported,
+                    "batches_exported": self.batches_exported,
+                    "messages_sent": self.messages_sent, "bytes_sent": self.bytes_sent,
+                    "errors": dict(self.errors), "dropped": dict(self.dropped)}
+
+
+_STOP = object()
+
+
+class IpfixExporter:
+    """Exporter protocol implementation for IPFIX over UDP or TCP."""
+
+    def __init__(self, options: IpfixOptions) -> None:
+        self.options = options
+        self.name = f"ipfix+{options.transport}"
+        self.stats = ExportStats()
+        # Validate sizes now, at start, rather than in the sender thread.
+        IpfixEncoder(options.observation_domain_id, options.message_size)
+        self._queue: "queue.Queue[object]" = queue.Queue(maxsize=options.queue_length)
+        self._sock: Optional[socket.socket] = None
+        self._address: Optional[Tuple] = None
+        self._encoder: Optional[IpfixEncoder] = None
+        self._templates_at = 0.0  # monotonic time templates were last sent (UDP)
+        self._messages_since_templates = 0
+        self._deadline: Optional[float] = None  # set by close(): give up waiting after it
+        self._closing = threading.Event()
+        self._down_logged = False
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-exporter",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: object) -> "IpfixExporter":
+        return cls(IpfixOptions.from_settings(settings))
+
+    # --- Exporter protocol --------------------------------------------------------------
+
+    def export(self, batch: FlowBatch) -> None:
+        try:
+            self._queue.put_nowait(batch)
+        except queue.Full:
+            self.stats.drop(DROP_QUEUE_FULL, len(batch))
+            log.warning("%s: queue full (%d batches), dropped a batch of %d flows",
+                        self.name, self.options.queue_length, len(batch))
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued, waiting at most `timeout` seconds, then close the socket."""
+        self._deadline = time.monotonic() + timeout
+        self._closing.set()
+        try:
+            self._queue.put(_STOP, timeout=max(timeout, 0.0))
+        except queue.Full:
+            pass  # the thread sees the deadline and drops what is left
+        self._thread.join(max(self._deadline - time.monotonic(), 0.0) + 1.0)
+        if self._thread.is_alive():
+            log.warning("%s: sender still busy after %.1fs; giving up", self.name, timeout)
+
+    def queue_length(self) -> int:
+        """Batches waiting to be sent (for the queue length gauge)."""
+        return self._queue.qsize()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    # --- sender thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                assert isinstance(item, FlowBatch)
+                if self._past_deadline():
+                    self.stats.drop(DROP_SHUTDOWN, len(item))
+                    continue
+                self._send_batch(item)
+        finally:
+            self._disconnect()
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _send_batch(self, batch: FlowBatch) -> None:
+        if not self._ensure_session():
+            self.stats.drop(DROP_SHUTDOWN, len(batch))
+            return
+        assert self._encoder is not None
+        try:
+            messages = self._encoder.encode(batch)
+            if self.options.transport == "udp":
+                self._send_udp(messages)
+            else:
+                self._send_tcp(messages)
+        except OSError as error:
+            self.stats.error(DROP_SEND_ERROR)
+            self.stats.drop(DROP_SEND_ERROR, len(batch))
+            log.warning("%s: sending to %s:%d failed (%s); batch of %d flows dropped",
+                        self.name, self.options.host, self.options.port, error, len(batch))
+            if self.options.transport == "tcp":
+                self._disconnect()
+            return
+        with self.stats.lock:
+            self.stats.flows_exported += len(batch)
+            self.stats.batches_exported += 1
+            self.stats.messages_sent += len(messages)
+            self.stats.bytes_sent += sum(len(m) for m in messages)
+
+    def _send_udp(self, messages: List[bytes]) -> None:
+        assert self._sock is not None and self._encoder is not None
+        opts = self.options
+        for message in messages:
+            now = time.monotonic()
+            if ((opts.template_refresh_messages
+                 and self._messages_since_templates >= opts.template_refresh_messages)
+                    or (opts.template_refresh_interval
+                        and now - self._templates_at >= opts.template_refresh_interval)):
+                self._send_templates_udp(now)
+            self._sock.sendto(message, self._address)
+            self._messages_since_templates += 1
+
+    def _send_templates_udp(self, now: float) -> None:
+        assert self._sock is not None and self._encoder is not None
+        self._sock.sendto(self._encoder.templates(), self._address)
+        self._templates_at = now
+        self._messages_since_templates = 0
+
+    def _send_tcp(self, messages: List[bytes]) -> None:
+        assert self._sock is not None
+        self._sock.sendall(b"".join(messages))
+
+    # --- sessions -----------------------------------------------------------------------
+
+    def _ensure_session(self) -> bool:
+        """Open the socket (with backoff); False if close() gave up meanwhile."""
+        if self._sock is not None and self.options.transport == "tcp" and self._peer_closed():
+            log.warning("%s: collector %s:%d closed the connection", self.name,
+                        self.options.host, self.options.port)
+            self._disconnect()
+        backoff = BACKOFF_MIN
+        while self._sock is None:
+            try:
+                self._connect()
+            except OSError as error:
+                self.stats.error("connect")
+                if not self._down_logged:
+                    log.warning("%s: cannot reach collector %s:%d (%s); retrying with backoff",
+                                self.name, self.options.host, self.options.port, error)
+                    self._down_logged = True
+                if self._deadline is None:
+                    self._closing.wait(backoff)  # close() cuts a long backoff short
+                else:
+                    wait = min(backoff, self._deadline - time.monotonic())
+                    if wait <= 0:
+                        return False
+                    time.sleep(wait)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        return True
+
+    def _connect(self) -> None:
+        opts = self.options
+        kind = socket.SOCK_DGRAM if opts.transport == "udp" else socket.SOCK_STREAM
+        infos = socket.getaddrinfo(opts.host, opts.port, type=kind)
+        last_error: OSError = OSError(f"no address for {opts.host}")
+        for family, socktype, proto, _name, address in infos:
+            sock = socket.socket(family, socktype, proto)
+            try:
+                if opts.transport == "tcp":
+                    timeout = SEND_TIMEOUT
+                    if self._deadline is not None:  # closing: do not outlive close()
+                        timeout = max(min(timeout, self._deadline - time.monotonic()), 0.05)
+                    sock.settimeout(timeout)
+                    sock.connect(address)
+                    sock.settimeout(SEND_TIMEOUT)
+            except OSError as error:
+                sock.close()
+                last_error = error
+                continue
+            self._sock, self._address = sock, address
+            # A new session: sequence numbers restart and templates go first.
+            self._encoder = IpfixEncoder(opts.observation_domain_id, opts.message_size)
+            templates = self._encoder.templates()
+            if opts.transport == "tcp":
+                try:
+                    sock.sendall(templates)
+                except OSError:
+                    self._disconnect()
+                    raise
+            else:
+                self._send_templates_udp(time.monotonic())
+            if self._down_logged:
+                log.info("%s: collector %s:%d reachable again", self.name, opts.host, opts.port)
+            self._down_logged = False
+            log.debug("%s: session to %s opened", self.name, address)
+            return
+        raise last_error
+
+    def _peer_closed(self) -> bool:
+        # An IPFIX collector never sends on the connection: readable means EOF or error.
+        assert self._sock is not None
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            if not readable:
+                return False
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except OSError:
+            return True
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
