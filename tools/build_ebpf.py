@@ -78,7 +78,9 @@ def libbpf_headers_version(clang: str) -> str:
     try:
         out = subprocess.run(
             [clang, "-target", "bpfel", "-E", "-dM", "-x", "c", "-"],
-            input="#include <bpf/libbpf_version.h>\n", capture_output=True, text=True,
+            input="#include <bpf/libbpf_version.h>\n",
+            capture_output=True,
+            text=True,
             check=True,
         ).stdout
     except subprocess.CalledProcessError:
@@ -87,7 +89,10 @@ def libbpf_headers_version(clang: str) -> str:
     version = f"{found.get('MAJOR', '?')}.{found.get('MINOR', '?')}"
     if shutil.which("dpkg-query"):
         pkg = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", "libbpf-dev"], capture_output=True, text=True
+            ["dpkg-query", "-W", "-f=${Version}", "libbpf-dev"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if pkg.returncode == 0 and pkg.stdout:
             version += f" (libbpf-dev {pkg.stdout.strip()})"
@@ -117,21 +122,40 @@ def build(out: Path, builder: str) -> dict[str, str]:
     for name, target, order in TARGETS:
         obj = out / name
         compile_args = [
-            "-O2", "-g", "-Wall", "-Werror", "-target", target, f"-mcpu={MCPU}",
-            f"-fdebug-prefix-map={ROOT}=.", f"-ffile-prefix-map={ROOT}=.",
-            "-idirafter", asm_dir, "-c", SOURCE, "-o",
+            "-O2",
+            "-g",
+            "-Wall",
+            "-Werror",
+            "-target",
+            target,
+            f"-mcpu={MCPU}",
+            f"-fdebug-prefix-map={ROOT}=.",
+            f"-ffile-prefix-map={ROOT}=.",
+            "-idirafter",
+            asm_dir,
+            "-c",
+            SOURCE,
+            "-o",
         ]
         strip_args = ["-g"]
         for tool, args in ((clang, compile_args), (strip, strip_args)):
-            proc = subprocess.run([tool, *args, str(obj)], cwd=ROOT, capture_output=True,
-                                  text=True)
+            proc = subprocess.run(
+                [tool, *args, str(obj)], cwd=ROOT, capture_output=True, text=True, check=False
+            )
             if proc.returncode:
                 raise BuildError(f"{Path(tool).name} failed for {name}:\n{proc.stderr}")
             recorded = [a.replace(str(ROOT), "$PWD") for a in args]  # run from the repo root
             commands.append(" ".join([Path(tool).name, *recorded, shown(obj)]))
         data = obj.read_bytes()
-        objects.append({"file": name, "target": target, "endianness": order,
-                        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        objects.append(
+            {
+                "file": name,
+                "target": target,
+                "endianness": order,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
 
     sums = {o["file"]: o["sha256"] for o in objects}
     (out / "SHA256SUMS").write_text("".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
@@ -172,19 +196,29 @@ def check(committed: Path, builder: str) -> int:
             status, drift = "SHA256SUMS STALE", 1
         print(f"{status:16} {name}\n  committed {have}\n  rebuilt   {built[name]}")
     if drift:
-        print(f"{shown(committed)} is not what {SOURCE} builds to: run `nox -s generate`",
-              file=sys.stderr)
+        print(
+            f"{shown(committed)} is not what {SOURCE} builds to: run `nox -s generate`",
+            file=sys.stderr,
+        )
     return drift
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT,
-                        help=f"output directory (default {DEFAULT_OUT})")
-    parser.add_argument("--check", action="store_true",
-                        help="rebuild in a temp dir and compare with --out; exit 1 on drift")
-    parser.add_argument("--builder", default="local",
-                        help='recorded in BUILD-INFO.json (default "local")')
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / DEFAULT_OUT,
+        help=f"output directory (default {DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="rebuild in a temp dir and compare with --out; exit 1 on drift",
+    )
+    parser.add_argument(
+        "--builder", default="local", help='recorded in BUILD-INFO.json (default "local")'
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     try:
