@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import platform
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,7 +32,7 @@ class Metrics:
     """Every metric of the agent, in one registry; serve it with `start_server`."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX,
-                 registry: Optional[CollectorRegistry] = None) -> None:
+                 registry: CollectorRegistry | None = None) -> None:
         self.prefix = prefix
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, prefix
@@ -76,10 +77,10 @@ class Metrics:
         r.register(self._exports)
         self._kernel_last = {"records": 0, "lost": 0}
         self._server = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_settings(cls, settings: object) -> "Metrics":
+    def from_settings(cls, settings: object) -> Metrics:
         """Metrics for the agent; the HTTP server is started only when METRICS_ENABLE."""
         metrics = cls(getattr(settings, "metrics_prefix", DEFAULT_PREFIX))
         metrics.sampling_rate.set(max(int(getattr(settings, "sampling", 0)), 1))
@@ -94,7 +95,7 @@ class Metrics:
     # --- what the agent calls -------------------------------------------------------
 
     def observe_eviction(self, records: np.ndarray, duration: float,
-                         fill_ratio: Optional[float] = None) -> None:
+                         fill_ratio: float | None = None) -> None:
         """One eviction that read `records` (FLOW_RECORD rows) in `duration` seconds."""
         self.evictions.inc()
         self.eviction_duration.observe(duration)
@@ -123,7 +124,7 @@ class Metrics:
         """Report `length()` as queue_length{queue=name} at every scrape."""
         self.queue_length.labels(name).set_function(lambda: float(length()))
 
-    def watch_exporter(self, exporter: object, name: Optional[str] = None) -> None:
+    def watch_exporter(self, exporter: object, name: str | None = None) -> None:
         """Report an exporter's cumulative `stats` (see ExportStats) at every scrape.
 
         Its queue, if it has `queue_length()`, becomes queue_length{queue="export:<name>"}.
@@ -151,8 +152,8 @@ class Metrics:
     # --- HTTP server ------------------------------------------------------------------
 
     def start_server(self, address: str = "0.0.0.0", port: int = 9090,
-                     certfile: Optional[os.PathLike] = None,
-                     keyfile: Optional[os.PathLike] = None) -> Tuple[str, int]:
+                     certfile: os.PathLike | None = None,
+                     keyfile: os.PathLike | None = None) -> tuple[str, int]:
         """Serve /metrics (HTTPS when a certificate and key are given); (address, port)."""
         from prometheus_client import start_http_server
 
@@ -171,7 +172,7 @@ class Metrics:
         return bound[0], bound[1]
 
     @property
-    def port(self) -> Optional[int]:
+    def port(self) -> int | None:
         return None if self._server is None else self._server.server_address[1]
 
     def close(self) -> None:
@@ -188,8 +189,8 @@ class _ExportCollector(Collector):
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._lock = threading.Lock()
-        self._watched: List[Tuple[str, Callable[[], dict]]] = []
-        self._pushed: Dict[str, dict] = {}
+        self._watched: list[tuple[str, Callable[[], dict]]] = []
+        self._pushed: dict[str, dict] = {}
 
     def watch(self, name: str, snapshot: Callable[[], dict]) -> None:
         with self._lock:
@@ -214,7 +215,7 @@ class _ExportCollector(Collector):
             old = dropped.get(reason, (0, 0))
             dropped[reason] = (old[0] + flows, old[1] + batches)
 
-    def _snapshots(self) -> Iterable[Tuple[str, dict]]:
+    def _snapshots(self) -> Iterable[tuple[str, dict]]:
         with self._lock:
             pushed = [(name, {"flows_exported": e["flows_exported"],
                               "batches_exported": e["batches_exported"],
@@ -239,7 +240,7 @@ class _ExportCollector(Collector):
         dropped_batches = CounterMetricFamily(
             p + "dropped_batches", "Batches that never reached the collector, by reason.",
             labels=["exporter", "reason"])
-        totals: Dict[str, dict] = {}
+        totals: dict[str, dict] = {}
         for name, snap in self._snapshots():
             total = totals.setdefault(name, {"flows_exported": 0, "batches_exported": 0,
                                              "errors": {}, "dropped": {}})
@@ -268,4 +269,4 @@ class _ExportCollector(Collector):
                           "dropped_flows", "dropped_batches")]
 
 
-__all__ = ["Metrics", "DEFAULT_PREFIX"]
+__all__ = ["DEFAULT_PREFIX", "Metrics"]

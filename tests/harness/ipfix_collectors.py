@@ -31,7 +31,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Callable
 
 from .collectors import Collector, normalize
 
@@ -39,7 +40,7 @@ TSHARK_PORT = 4739  # the IANA IPFIX port; only a label inside the pcap
 _ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
 
 
-def tools_missing(*tools: str) -> Optional[str]:
+def tools_missing(*tools: str) -> str | None:
     """A skip reason naming the missing commands (with their Debian package), or None."""
     packages = {"tshark": "tshark", "nfcapd": "nfdump", "nfdump": "nfdump",
                 "prometheus": "prometheus"}
@@ -72,14 +73,14 @@ def write_pcap(path: str, messages: Sequence[bytes], port: int = TSHARK_PORT) ->
             f.write(struct.pack("<IIII", n, 0, len(packet), len(packet)) + packet)
 
 
-def _pairs(items: List[Tuple[str, object]]) -> dict:
+def _pairs(items: list[tuple[str, object]]) -> dict:
     out: dict = {}
     for key, value in items:
         out.setdefault(key, value)  # keep the first of duplicate keys
     return out
 
 
-def tshark_records(messages: Sequence[bytes], port: int = TSHARK_PORT) -> List[dict]:
+def tshark_records(messages: Sequence[bytes], port: int = TSHARK_PORT) -> list[dict]:
     """Every data record tshark decodes from `messages`, in order, as a flat dict of its
     cflow.* fields plus `sequence`, `domain`, `export_time`, `template_id`, `message`
     (index of the message)."""
@@ -90,7 +91,7 @@ def tshark_records(messages: Sequence[bytes], port: int = TSHARK_PORT) -> List[d
         write_pcap(pcap, messages, port)
         env = dict(os.environ, TZ="UTC")
         done = subprocess.run(["tshark", "-n", "-r", pcap, "-d", f"udp.port=={port},cflow",
-                               "-T", "json"], capture_output=True, text=True, env=env,
+                               "-T", "json"], capture_output=True, text=True, env=env, check=False,
                               timeout=300)
     if done.returncode != 0:
         raise AssertionError(f"tshark failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -115,14 +116,14 @@ def tshark_records(messages: Sequence[bytes], port: int = TSHARK_PORT) -> List[d
     return records
 
 
-def tshark_template_messages(messages: Sequence[bytes], port: int = TSHARK_PORT) -> List[int]:
+def tshark_template_messages(messages: Sequence[bytes], port: int = TSHARK_PORT) -> list[int]:
     """Indexes of the messages tshark sees a template set in."""
     with tempfile.TemporaryDirectory(prefix="ei-ipfix-") as tmp:
         pcap = os.path.join(tmp, "ipfix.pcap")
         write_pcap(pcap, messages, port)
         done = subprocess.run(["tshark", "-n", "-r", pcap, "-d", f"udp.port=={port},cflow",
                                "-Y", "cflow.template_id", "-T", "fields", "-e", "frame.number"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, check=False)
     return [int(line) - 1 for line in done.stdout.split()]
 
 
@@ -138,7 +139,7 @@ def _flatten(tree: dict) -> dict:
 
 def _tshark_time_ns(text: str) -> int:
     # "Nov 26, 2026 13:20:19.351000000 UTC" (TZ=UTC) -> ns since the epoch
-    stamp, _, zone = text.rpartition(" ")
+    stamp, _, _zone = text.rpartition(" ")
     whole, _, frac = stamp.partition(".")
     moment = dt.datetime.strptime(whole, "%b %d, %Y %H:%M:%S").replace(tzinfo=dt.timezone.utc)
     return int(moment.timestamp()) * 1_000_000_000 + int((frac + "000000000")[:9])
@@ -195,15 +196,15 @@ class Nfcapd:
     ROTATE = 2  # seconds
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 popen: Optional[Callable[..., subprocess.Popen]] = None) -> None:
+                 popen: Callable[..., subprocess.Popen] | None = None) -> None:
         self.host = host
         self.port = port or _free_udp_port(host)
         self._popen = popen or subprocess.Popen
         self.dir = tempfile.mkdtemp(prefix="ei-nfcapd-")
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="ei-nfcapd-", suffix=".log")
-        self.proc: Optional[subprocess.Popen] = None
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="ei-nfcapd-", suffix=".log")  # noqa: SIM115
+        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Nfcapd":
+    def start(self) -> Nfcapd:
         argv = ["nfcapd", "-b", self.host, "-p", str(self.port), "-w", self.dir,
                 "-t", str(self.ROTATE), "-B", str(8 << 20)]
         self.proc = self._popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
@@ -220,16 +221,17 @@ class Nfcapd:
         with open(self._log.name) as f:
             return f.read()
 
-    def files(self) -> List[str]:
+    def files(self) -> list[str]:
         return sorted(f for f in glob.glob(os.path.join(self.dir, "nfcapd.*"))
                       if ".current." not in f)
 
-    def records(self) -> List[dict]:
+    def records(self) -> list[dict]:
         """Every flow in the finished files (nfdump -o json)."""
         records = []
         for path in self.files():
             done = subprocess.run(["nfdump", "-r", path, "-o", "json"], capture_output=True,
-                                  text=True, timeout=60, env=dict(os.environ, TZ="UTC"))
+                                  text=True, timeout=60, env=dict(os.environ, TZ="UTC"),
+                                  check=False)
             if done.returncode != 0:
                 raise AssertionError(f"nfdump -r {path} failed: {done.stderr[-2000:]}")
             text = done.stdout.strip()
@@ -308,7 +310,7 @@ def _free_udp_port(host: str) -> int:
 
 # --- receivers (UDP datagrams / TCP stream -> messages) ----------------------------------------
 
-def split_stream(data: bytes) -> Tuple[List[bytes], bytes]:
+def split_stream(data: bytes) -> tuple[list[bytes], bytes]:
     """Cut an IPFIX byte stream at each message's length field: (messages, leftover)."""
     messages, offset = [], 0
     while len(data) - offset >= 4:
@@ -329,7 +331,7 @@ class MessageReceiver:
 
     def __init__(self, transport: str, host: str = "127.0.0.1", port: int = 0,
                  make_socket: Callable[[int, int], socket.socket] = socket.socket,
-                 on_message: Optional[Callable[[bytes], None]] = None) -> None:
+                 on_message: Callable[[bytes], None] | None = None) -> None:
         self.transport = transport
         self.on_message = on_message
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -342,19 +344,19 @@ class MessageReceiver:
         self.host, self.port = host, self.sock.getsockname()[1]
         if transport == "tcp":
             self.sock.listen(8)
-        self.sessions: List[List[bytes]] = [] if transport == "tcp" else [[]]
+        self.sessions: list[list[bytes]] = [] if transport == "tcp" else [[]]
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._conns: List[socket.socket] = []
+        self._conns: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._loop, daemon=True)]
         self._threads[0].start()
 
     @property
-    def messages(self) -> List[bytes]:
+    def messages(self) -> list[bytes]:
         with self._lock:
             return [m for session in self.sessions for m in session]
 
-    def _got(self, session: List[bytes], message: bytes) -> None:
+    def _got(self, session: list[bytes], message: bytes) -> None:
         with self._lock:
             session.append(message)
         if self.on_message is not None:
@@ -384,7 +386,7 @@ class MessageReceiver:
                     return
                 raise
 
-    def _read(self, conn: socket.socket, session: List[bytes]) -> None:
+    def _read(self, conn: socket.socket, session: list[bytes]) -> None:
         pending = b""
         conn.settimeout(0.2)
         while not self._stop.is_set():
@@ -428,26 +430,26 @@ class TsharkIpfixCollector(Collector):
     byte_measure = "ip"
 
     def __init__(self, transport: str, interfaces: Mapping[int, str], ns=None,
-                 host: str = "127.0.0.1", extra_env: Optional[Dict[str, str]] = None) -> None:
+                 host: str = "127.0.0.1", extra_env: dict[str, str] | None = None) -> None:
         self.transport, self.interfaces, self.ns, self.host = transport, interfaces, ns, host
         self.name = f"ipfix+{transport}/tshark"
         self.extra_env = extra_env or {}
-        self.receiver: Optional[MessageReceiver] = None
+        self.receiver: MessageReceiver | None = None
 
-    def start(self) -> Tuple[Optional[str], Optional[int]]:
+    def start(self) -> tuple[str | None, int | None]:
         make = self.ns.socket if self.ns is not None else socket.socket
         self.receiver = MessageReceiver(self.transport, self.host, 0, make)
         return self.host, self.receiver.port
 
-    def agent_env(self) -> Dict[str, str]:
+    def agent_env(self) -> dict[str, str]:
         assert self.receiver is not None, "start() the collector first"
         return {"EXPORT": f"ipfix+{self.transport}", "TARGET_HOST": self.host,
                 "TARGET_PORT": str(self.receiver.port), **self.extra_env}
 
-    def records(self) -> List[dict]:
+    def records(self) -> list[dict]:
         return tshark_records(self.receiver.messages if self.receiver else [])
 
-    def flows(self) -> List[dict]:
+    def flows(self) -> list[dict]:
         return [tshark_flow(r, self.interfaces) for r in self.records()]
 
     def stop(self) -> None:
@@ -464,16 +466,16 @@ class NfcapdIpfixCollector(Collector):
     byte_measure = "ip"
 
     def __init__(self, transport: str, interfaces: Mapping[int, str], ns=None,
-                 host: str = "127.0.0.1", extra_env: Optional[Dict[str, str]] = None) -> None:
+                 host: str = "127.0.0.1", extra_env: dict[str, str] | None = None) -> None:
         self.transport, self.interfaces, self.ns, self.host = transport, interfaces, ns, host
         self.name = f"ipfix+{transport}/nfcapd"
         self.extra_env = extra_env or {}
-        self.nfcapd: Optional[Nfcapd] = None
-        self.relay: Optional[MessageReceiver] = None
-        self._relay_out: Optional[socket.socket] = None
+        self.nfcapd: Nfcapd | None = None
+        self.relay: MessageReceiver | None = None
+        self._relay_out: socket.socket | None = None
         self.port = 0
 
-    def start(self) -> Tuple[Optional[str], Optional[int]]:
+    def start(self) -> tuple[str | None, int | None]:
         popen = self.ns.popen if self.ns is not None else None
         port = _ns_free_udp_port(self.ns, self.host)
         self.nfcapd = Nfcapd(self.host, port, popen).start()
@@ -488,11 +490,11 @@ class NfcapdIpfixCollector(Collector):
             self.port = self.relay.port
         return self.host, self.port
 
-    def agent_env(self) -> Dict[str, str]:
+    def agent_env(self) -> dict[str, str]:
         return {"EXPORT": f"ipfix+{self.transport}", "TARGET_HOST": self.host,
                 "TARGET_PORT": str(self.port), **self.extra_env}
 
-    def flows(self) -> List[dict]:
+    def flows(self) -> list[dict]:
         records = self.nfcapd.records() if self.nfcapd else []
         return [nfdump_flow(r, self.interfaces) for r in records]
 

@@ -7,11 +7,23 @@ import time
 
 import numpy as np
 import pytest
-from harness.ipfix_collectors import (Nfcapd, nfdump_flow, synthetic_batch, tools_missing,
-                                      tshark_flow, tshark_records)
+from harness.ipfix_collectors import (
+    Nfcapd,
+    nfdump_flow,
+    synthetic_batch,
+    tools_missing,
+    tshark_flow,
+    tshark_records,
+)
 
-from ei_ebpf_agent.exporter.ipfix_encode import (MIN_MESSAGE_SIZE, TEMPLATE_IPV4, TEMPLATE_IPV6,
-                                                 TEMPLATE_NON_IP, IpfixEncoder, encode_batch)
+from ei_ebpf_agent.exporter.ipfix_encode import (
+    MIN_MESSAGE_SIZE,
+    TEMPLATE_IPV4,
+    TEMPLATE_IPV6,
+    TEMPLATE_NON_IP,
+    IpfixEncoder,
+    encode_batch,
+)
 
 needs_tshark = pytest.mark.skipif(tools_missing("tshark") is not None,
                                   reason=str(tools_missing("tshark")))
@@ -23,30 +35,30 @@ MONO_NS = 5_000_000_000_000  # a monotonic clock reading; wall = mono + offset
 OFFSET_NS = NOW_NS - MONO_NS
 
 FLOWS = [
-    dict(src_ip="10.1.0.1", dst_ip="10.1.0.2", eth_protocol=0x0800, protocol=6,
-         src_port=40000, dst_port=5201, direction=1, if_index=7, packets=12, bytes=12 * 1514,
-         ip_bytes=12 * 1500, first_seen_ns=MONO_NS - 3_000_000_000,
-         last_seen_ns=MONO_NS - 1_000_000_000, tcp_flags=0x112 | 0x01, dscp=46, sampling=0,
-         src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:02"),
-    dict(src_ip="10.1.0.2", dst_ip="10.1.0.1", eth_protocol=0x0800, protocol=17,
-         src_port=53, dst_port=33333, direction=0, if_index=7, packets=3, bytes=3 * 142,
-         ip_bytes=3 * 128, first_seen_ns=MONO_NS - 2_000_000_000, last_seen_ns=MONO_NS,
-         sampling=1, src_mac="02:00:00:00:00:02", dst_mac="02:00:00:00:00:01"),
-    dict(src_ip="10.1.0.1", dst_ip="10.1.0.2", eth_protocol=0x0800, protocol=1, icmp_type=8,
-         icmp_code=0, direction=1, if_index=7, packets=4, bytes=4 * 98, ip_bytes=4 * 84,
-         first_seen_ns=MONO_NS - 500_000_000, last_seen_ns=MONO_NS - 100_000_000),
-    dict(src_ip="fd00:1::1", dst_ip="fd00:1::2", eth_protocol=0x86DD, protocol=6,
-         src_port=41000, dst_port=443, direction=1, if_index=9, packets=5, bytes=5 * 1514,
-         ip_bytes=5 * 1500, first_seen_ns=MONO_NS - 2_500_000_000,
-         last_seen_ns=MONO_NS - 1_500_000_000, tcp_flags=0x18, dscp=10,
-         src_mac="02:00:00:00:01:01", dst_mac="02:00:00:00:01:02"),
-    dict(src_ip="fd00:1::2", dst_ip="fd00:1::1", eth_protocol=0x86DD, protocol=58,
-         icmp_type=129, icmp_code=0, direction=0, if_index=9, packets=2, bytes=2 * 118,
-         ip_bytes=2 * 104, first_seen_ns=MONO_NS - 900_000_000, last_seen_ns=MONO_NS),
+    {"src_ip": "10.1.0.1", "dst_ip": "10.1.0.2", "eth_protocol": 0x0800, "protocol": 6,
+         "src_port": 40000, "dst_port": 5201, "direction": 1, "if_index": 7, "packets": 12, "bytes": 12 * 1514,
+         "ip_bytes": 12 * 1500, "first_seen_ns": MONO_NS - 3_000_000_000,
+         "last_seen_ns": MONO_NS - 1_000_000_000, "tcp_flags": 0x112 | 0x01, "dscp": 46, "sampling": 0,
+         "src_mac": "02:00:00:00:00:01", "dst_mac": "02:00:00:00:00:02"},
+    {"src_ip": "10.1.0.2", "dst_ip": "10.1.0.1", "eth_protocol": 0x0800, "protocol": 17,
+         "src_port": 53, "dst_port": 33333, "direction": 0, "if_index": 7, "packets": 3, "bytes": 3 * 142,
+         "ip_bytes": 3 * 128, "first_seen_ns": MONO_NS - 2_000_000_000, "last_seen_ns": MONO_NS,
+         "sampling": 1, "src_mac": "02:00:00:00:00:02", "dst_mac": "02:00:00:00:00:01"},
+    {"src_ip": "10.1.0.1", "dst_ip": "10.1.0.2", "eth_protocol": 0x0800, "protocol": 1, "icmp_type": 8,
+         "icmp_code": 0, "direction": 1, "if_index": 7, "packets": 4, "bytes": 4 * 98, "ip_bytes": 4 * 84,
+         "first_seen_ns": MONO_NS - 500_000_000, "last_seen_ns": MONO_NS - 100_000_000},
+    {"src_ip": "fd00:1::1", "dst_ip": "fd00:1::2", "eth_protocol": 0x86DD, "protocol": 6,
+         "src_port": 41000, "dst_port": 443, "direction": 1, "if_index": 9, "packets": 5, "bytes": 5 * 1514,
+         "ip_bytes": 5 * 1500, "first_seen_ns": MONO_NS - 2_500_000_000,
+         "last_seen_ns": MONO_NS - 1_500_000_000, "tcp_flags": 0x18, "dscp": 10,
+         "src_mac": "02:00:00:00:01:01", "dst_mac": "02:00:00:00:01:02"},
+    {"src_ip": "fd00:1::2", "dst_ip": "fd00:1::1", "eth_protocol": 0x86DD, "protocol": 58,
+         "icmp_type": 129, "icmp_code": 0, "direction": 0, "if_index": 9, "packets": 2, "bytes": 2 * 118,
+         "ip_bytes": 2 * 104, "first_seen_ns": MONO_NS - 900_000_000, "last_seen_ns": MONO_NS},
 ]
-ARP = dict(eth_protocol=0x0806, direction=0, if_index=7, packets=2, bytes=2 * 42,
-           first_seen_ns=MONO_NS - 100_000_000, last_seen_ns=MONO_NS - 100_000_000,
-           src_mac="02:00:00:00:00:02", dst_mac="ff:ff:ff:ff:ff:ff")
+ARP = {"eth_protocol": 0x0806, "direction": 0, "if_index": 7, "packets": 2, "bytes": 2 * 42,
+           "first_seen_ns": MONO_NS - 100_000_000, "last_seen_ns": MONO_NS - 100_000_000,
+           "src_mac": "02:00:00:00:00:02", "dst_mac": "ff:ff:ff:ff:ff:ff"}
 
 
 def expected(flow: dict) -> dict:
@@ -133,13 +145,13 @@ def many_flows(n: int, seed: int = 1) -> list:
     flows = []
     for i in range(n):
         v6 = i % 3 == 0
-        flows.append(dict(
-            src_ip=f"fd00::{i + 1:x}" if v6 else f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-            dst_ip="fd00::ffff" if v6 else "10.255.255.254",
-            eth_protocol=0x86DD if v6 else 0x0800, protocol=17, src_port=1024 + i % 60000,
-            dst_port=9000, direction=i % 2, if_index=3,
-            packets=int(rng.integers(1, 1000)), bytes=0, ip_bytes=int(rng.integers(28, 10**9)),
-            first_seen_ns=MONO_NS - 1_000_000_000, last_seen_ns=MONO_NS))
+        flows.append({
+            "src_ip": f"fd00::{i + 1:x}" if v6 else f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+            "dst_ip": "fd00::ffff" if v6 else "10.255.255.254",
+            "eth_protocol": 0x86DD if v6 else 0x0800, "protocol": 17, "src_port": 1024 + i % 60000,
+            "dst_port": 9000, "direction": i % 2, "if_index": 3,
+            "packets": int(rng.integers(1, 1000)), "bytes": 0, "ip_bytes": int(rng.integers(28, 10**9)),
+            "first_seen_ns": MONO_NS - 1_000_000_000, "last_seen_ns": MONO_NS})
     return flows
 
 

@@ -20,8 +20,8 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
 
 from ei_ebpf_agent.exporter.ipfix_encode import MAX_MESSAGE_LEN, IpfixEncoder
 from ei_ebpf_agent.flow.batch import FlowBatch
@@ -63,7 +63,7 @@ class IpfixOptions:
         return DEFAULT_UDP_MESSAGE_SIZE if self.transport == "udp" else MAX_MESSAGE_LEN
 
     @classmethod
-    def from_settings(cls, settings: object) -> "IpfixOptions":
+    def from_settings(cls, settings: object) -> IpfixOptions:
         """Options from Settings (EXPORT=ipfix+udp|ipfix+tcp, TARGET_*, IPFIX_*, BUFFERS_LENGTH)."""
         def get(name: str, default: object) -> object:
             return getattr(settings, name, default)
@@ -91,8 +91,8 @@ class ExportStats:
     batches_exported: int = 0
     messages_sent: int = 0
     bytes_sent: int = 0
-    errors: Dict[str, int] = field(default_factory=dict)  # reason -> count
-    dropped: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # reason -> (flows, batches)
+    errors: dict[str, int] = field(default_factory=dict)  # reason -> count
+    dropped: dict[str, tuple[int, int]] = field(default_factory=dict)  # reason -> (flows, batches)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def error(self, reason: str) -> None:
@@ -124,13 +124,13 @@ class IpfixExporter:
         self.stats = ExportStats()
         # Validate sizes now, at start, rather than in the sender thread.
         IpfixEncoder(options.observation_domain_id, options.message_size)
-        self._queue: "queue.Queue[object]" = queue.Queue(maxsize=options.queue_length)
-        self._sock: Optional[socket.socket] = None
-        self._address: Optional[Tuple] = None
-        self._encoder: Optional[IpfixEncoder] = None
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=options.queue_length)
+        self._sock: socket.socket | None = None
+        self._address: tuple | None = None
+        self._encoder: IpfixEncoder | None = None
         self._templates_at = 0.0  # monotonic time templates were last sent (UDP)
         self._messages_since_templates = 0
-        self._deadline: Optional[float] = None  # set by close(): give up waiting after it
+        self._deadline: float | None = None  # set by close(): give up waiting after it
         self._closing = threading.Event()
         self._down_logged = False
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-exporter",
@@ -138,7 +138,7 @@ class IpfixExporter:
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, settings: object) -> "IpfixExporter":
+    def from_settings(cls, settings: object) -> IpfixExporter:
         return cls(IpfixOptions.from_settings(settings))
 
     # --- Exporter protocol --------------------------------------------------------------
@@ -215,7 +215,7 @@ class IpfixExporter:
             self.stats.messages_sent += len(messages)
             self.stats.bytes_sent += sum(len(m) for m in messages)
 
-    def _send_udp(self, messages: List[bytes]) -> None:
+    def _send_udp(self, messages: list[bytes]) -> None:
         assert self._sock is not None and self._encoder is not None
         opts = self.options
         for message in messages:
@@ -234,7 +234,7 @@ class IpfixExporter:
         self._templates_at = now
         self._messages_since_templates = 0
 
-    def _send_tcp(self, messages: List[bytes]) -> None:
+    def _send_tcp(self, messages: list[bytes]) -> None:
         assert self._sock is not None
         self._sock.sendall(b"".join(messages))
 

@@ -12,8 +12,8 @@ Templates (IANA information elements; docs/ipfix.md lists them with their meanin
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -172,7 +172,7 @@ def fill_records(template_id: int, rows: np.ndarray, wall_offset_ns: int) -> np.
     return out
 
 
-def split_by_template(records: np.ndarray) -> List[Tuple[int, np.ndarray]]:
+def split_by_template(records: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(template id, FLOW_RECORD rows) for every template that has rows, in id order."""
     eth = records["eth_protocol"]
     is_v4 = eth == ETH_P_IP
@@ -206,23 +206,23 @@ class IpfixEncoder:
             raise ValueError(f"IPFIX observation domain id {self.observation_domain_id} is not "
                              "a 32-bit unsigned integer")
 
-    def templates(self, export_time: Optional[int] = None) -> bytes:
+    def templates(self, export_time: int | None = None) -> bytes:
         """A message with the template set (sent first, then refreshed on UDP)."""
         export_time = int(time.time()) if export_time is None else export_time
         length = MESSAGE_HEADER_LEN + len(_TEMPLATE_SET)
         return _message_header(length, export_time, self.sequence,
                                self.observation_domain_id) + _TEMPLATE_SET
 
-    def encode(self, batch: FlowBatch, export_time: Optional[int] = None) -> List[bytes]:
+    def encode(self, batch: FlowBatch, export_time: int | None = None) -> list[bytes]:
         """Data messages for every flow of `batch`; advances the sequence number."""
         export_time = int(time.time()) if export_time is None else export_time
-        messages: List[bytes] = []
+        messages: list[bytes] = []
         for template_id, rows in split_by_template(batch.records):
             records = fill_records(template_id, rows, batch.wall_offset_ns)
             messages += self._cut(template_id, records, export_time)
         return messages
 
-    def _cut(self, template_id: int, records: np.ndarray, export_time: int) -> List[bytes]:
+    def _cut(self, template_id: int, records: np.ndarray, export_time: int) -> list[bytes]:
         size = records.dtype.itemsize
         per_message = (self.max_message_size - MESSAGE_HEADER_LEN - SET_HEADER_LEN) // size
         count = len(records)
@@ -246,7 +246,7 @@ class IpfixEncoder:
 
 
 def encode_batch(batch: FlowBatch, max_message_size: int = 1400,
-                 observation_domain_id: int = 1) -> List[bytes]:
+                 observation_domain_id: int = 1) -> list[bytes]:
     """Template message then data messages of one batch, as a fresh session (for bench)."""
     encoder = IpfixEncoder(observation_domain_id, max_message_size)
     return [encoder.templates()] + encoder.encode(batch)
