@@ -93,12 +93,13 @@ def run(session: nox.Session) -> None:
 
 @nox.session
 def generate(session: nox.Session) -> None:
-    """Rebuild pkg/ebpf/*.o, SHA256SUMS and BUILD-INFO.json with the local clang.
+    """Rebuild pkg/ebpf/*.o, SHA256SUMS and BUILD-INFO.json from bpf/.
 
-    `-- --check` rebuilds in a temporary directory and fails on any drift.
+    In the pinned builder container when a container engine is present, with the host
+    toolchain with `-- --local`; `-- --check` rebuilds in a temporary directory and fails
+    on any drift. See tools/generate.py.
     """
-    ensure_system_packages(session, BUILD_PACKAGES)
-    session.run("python", "tools/build_ebpf.py", *session.posargs)
+    session.run("python", "tools/generate.py", *session.posargs)
 
 
 @nox.session
@@ -123,3 +124,17 @@ def bench(session: nox.Session) -> None:
     ensure_system_packages(session, {**RUNTIME_PACKAGES, **TEST_PACKAGES, **BUILD_PACKAGES})
     install_agent(session, "test")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def vm(session: nox.Session) -> None:
+    """Integration suite inside virtme-ng VMs on Debian kernels (root). See tools/vm_matrix.py."""
+    if os.geteuid() != 0:
+        session.skip("booting kernels and making namespaces needs root")
+    session.run("python", "tools/vm_matrix.py", *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Build the agent image (IMG, default quay.io/<org>/ei-ebpf-agent:dev); `-- --push` pushes."""
+    session.run("python", "tools/image.py", *session.posargs)
