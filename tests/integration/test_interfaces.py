@@ -72,11 +72,12 @@ def test_interface_filters_with_regex_select_traced_interfaces(topo, grpc_collec
                                                                start_agent, variable):
     links = _three_links(topo)  # names end in x1a, x2a, x3a
     if variable == "INTERFACES":
-        # A plain name and a regex: the first and the third are traced.
-        env = {"INTERFACES": f"{links[0].local_name},/x3a$/"}
+        # A plain name and a regex (matched against the whole name, docs/config.md): the
+        # first and the third are traced.
+        env = {"INTERFACES": f"{links[0].local_name},/e.*x3a/"}
         traced = [True, False, True]
     else:
-        env = {"EXCLUDE_INTERFACES": "lo,/x[12]a$/"}
+        env = {"EXCLUDE_INTERFACES": "lo,/e.*x[12]a/"}
         traced = [False, False, True]
     env["CACHE_ACTIVE_TIMEOUT"] = "200ms"
     agent = start_agent(env, grpc_collector)
