@@ -101,7 +101,14 @@ class Expectation:
         out = Expectation(endpoints=dict(self.endpoints))
         out.counts = {k: Counts(c.packets, c.frame_bytes, c.ip_bytes)
                       for k, c in self.counts.items() if k in keys}
+        out.required_flags = {k: list(v) for k, v in self.required_flags.items() if k in keys}
+        out.dscp = {k: v for k, v in self.dscp.items() if k in keys}
         return out
+
+    def without_non_ip(self) -> Expectation:
+        """Only the IPv4/IPv6 keys (for transports that carry IP flows only)."""
+        return self.restricted_to(k for k in self.counts if k.eth_protocol in (ETH_P_IP,
+                                                                               ETH_P_IPV6))
 
     @property
     def total_packets(self) -> int:
