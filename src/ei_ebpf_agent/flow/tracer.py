@@ -123,7 +123,8 @@ class FlowTracer:
             log.warning("ignored %d ring buffer records of unexpected size",
                         len(pending) - len(good))
         self.ringbuf_records += len(good)
-        return np.frombuffer(b"".join(good), dtype=FLOW_RECORD).copy()
+        # bytearray: writable, and padding bytes kept (ndarray.copy() would not keep them)
+        return np.frombuffer(bytearray(b"".join(good)), dtype=FLOW_RECORD)
 
     # -- eviction -----------------------------------------------------------------------
 
@@ -224,10 +225,13 @@ class FlowTracer:
 
 
 def _concat(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    # np.concatenate would drop the padding of the structured dtype: copy into FLOW_RECORD.
+    # np.concatenate would change the padded dtype, and a structured assignment would
+    # leave the padding uninitialised: copy whole records as bytes.
     out = np.empty(len(first) + len(second), dtype=FLOW_RECORD)
-    out[: len(first)] = first
-    out[len(first):] = second
+    raw = out.view(np.uint8)
+    split = len(first) * _RECORD_SIZE
+    raw[:split] = np.ascontiguousarray(first).view(np.uint8)
+    raw[split:] = np.ascontiguousarray(second).view(np.uint8)
     return out
 
 
@@ -239,14 +243,18 @@ def merge_by_key(records: np.ndarray) -> np.ndarray:
     """
     if len(records) == 0:
         return records
-    raw = records.view(np.uint8).reshape(len(records), _RECORD_SIZE)
-    keys = np.ascontiguousarray(raw[:, :_KEY_SIZE]).view(f"V{_KEY_SIZE}").ravel()
-    _unique, inverse = np.unique(keys, return_inverse=True)
+    # Compare keys by their fields only: padding bytes must not split a flow.
+    keys = np.zeros(len(records), dtype=FLOW_KEY)
+    for name in FLOW_KEY.names:
+        keys[name] = records[name]
+    _unique, inverse = np.unique(keys.view(f"V{_KEY_SIZE}"), return_inverse=True)
     inverse = inverse.ravel()
     order = np.argsort(inverse, kind="stable")  # stable: the first row of a key leads
-    grouped = records[order]
     starts = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1]])
-    merged = grouped[starts].copy()
+    # Reorder whole records as bytes: structured fancy indexing does not copy padding.
+    raw = np.ascontiguousarray(records).view(np.uint8).reshape(len(records), _RECORD_SIZE)
+    grouped = raw[order].view(FLOW_RECORD).reshape(-1)
+    merged = raw[order[starts]].view(FLOW_RECORD).reshape(-1)
     for name in ("packets", "bytes", "ip_bytes"):
         merged[name] = np.add.reduceat(grouped[name], starts)
     merged["first_seen_ns"] = np.minimum.reduceat(grouped["first_seen_ns"], starts)
