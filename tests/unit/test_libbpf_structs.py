@@ -86,3 +86,13 @@ def test_null_pointer_becomes_libbpf_error_with_errno() -> None:
         libbpf.bpf_object__open_mem(garbage, len(garbage), None)
     assert info.value.call == "bpf_object__open_mem"
     assert info.value.errno > 0
+
+
+def test_libbpf_messages_go_to_python_logging(caplog: pytest.LogCaptureFixture) -> None:
+    garbage = ctypes.create_string_buffer(b"\x7fELF" + b"\x00" * 60)
+    with caplog.at_level("DEBUG", logger="libbpf"), pytest.raises(libbpf.LibbpfError):
+        libbpf.bpf_object__open_mem(garbage, len(garbage), None)
+    messages = [r.getMessage() for r in caplog.records if r.name == "libbpf"]
+    # Formatted by libc from libbpf's format string and va_list: no "%s" left over.
+    assert any("loading object" in m and "from buffer" in m for m in messages), messages
+    assert not any("%" in m for m in messages), messages
