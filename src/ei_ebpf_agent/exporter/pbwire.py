@@ -1,18 +1,22 @@
 """Bulk protobuf encoding of a FlowBatch into serialized `pbflow.Records` messages.
 
 protobuf's Python API costs microseconds per message object, far too slow for a
-million flows a second, so the wire bytes are built with numpy instead, one field
-(column) at a time for every flow at once:
+million flows a second, so the wire bytes are computed with numpy, one field at a time
+for every flow at once, never with a Python object per flow:
 
-- every field becomes an (N, w) uint8 matrix of its tag, length/varint and payload
-  bytes, with an (N, w) bool mask of the bytes that are present (varints take as many
-  7-bit groups as their value needs; proto3 zero scalars are left out, as canonical
-  protobuf does);
-- a nested message (Timestamp, DataLink, Network, IP, Transport) is the tag, the varint
-  of its length (the row sums of its columns' masks), then its columns;
-- all columns side by side, `matrix[mask]` reads the present bytes row by row, which is
-  the concatenation of the records in order, each one `0x0a <varint length> <record>`:
-  exactly the bytes of `Records.entries`.
+- Every field is cut into *pieces* of at most 8 bytes: for each flow a uint64 word
+  holding the bytes (little-endian, so byte 0 is written first) and the number of those
+  bytes that are used (0 when the field is absent; proto3 zero scalars are left out, as
+  canonical protobuf does). Varints are built 7-bit group by group with the
+  continuation bits; a tag and its value share a word when they fit.
+- Consecutive pieces whose longest forms fit in 8 bytes together are merged into one
+  (`word | next << 8 * used`), so a flow is about 20 words instead of 100+ bytes, and
+  every numpy operation works on whole uint64 columns.
+- A nested message (Timestamp, DataLink, Network, IP, Transport) is its tag, the varint
+  of its length (the sum of its pieces' lengths), then its pieces.
+- The words of all pieces side by side form an (N, P) uint64 matrix; its bytes, masked
+  by the used counts, read row by row, are the records one after the other, each as
+  `0x0a <varint length> <Record>`: exactly the bytes of `Records.entries`.
 
 Fields are written in field-number order, so the output is byte-identical to
 `Records.SerializeToString(deterministic=True)` of the same content (a unit test holds
@@ -42,15 +46,25 @@ from ei_ebpf_agent.flow.batch import FlowBatch, IPAddress
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 
-_NS_PER_S = np.uint64(1_000_000_000)
+# Rows encoded together: keeps every temporary small enough for the CPU caches.
+CHUNK_ROWS = 16384
 
-# (w, N) uint8 bytes, (w, N) bool present, (N,) byte count of each row
-Column = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    """The tag bytes of a field (itself a varint)."""
-    return _varint_bytes((field << 3) | wire_type)
+_VARINT, _LEN, _I32 = 0, 2, 5
+_U64 = np.uint64
+_NS_PER_S = _U64(1_000_000_000)
+_LOW56 = _U64((1 << 56) - 1)
+# _LIMITS[k]: the smallest value whose varint needs k + 1 bytes.
+_LIMITS = np.array([0] + [1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+# Continuation bits (0x80 in every byte but the last) of a varint of n bytes, for the
+# first word (bytes 0-7) and the second (bytes 8-9).
+_CONT_LOW = np.array(
+    [sum(0x80 << (8 * b) for b in range(min(n - 1, 8))) for n in range(11)], dtype=np.uint64
+)
+_CONT_HIGH = np.array([0x80 if n == 10 else 0 for n in range(11)], dtype=np.uint64)
+# Byte mask of a word whose first n bytes are used, one 0x01 per byte (a bool view).
+_USED_BYTES = np.array(
+    [((1 << (8 * n)) - 1) & 0x0101010101010101 for n in range(9)], dtype=np.uint64
+)
 
 
 def _varint_bytes(value: int) -> bytes:
@@ -64,85 +78,118 @@ def _varint_bytes(value: int) -> bytes:
             return bytes(out)
 
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+def _key(field: int, wire_type: int) -> bytes:
+    """The tag bytes of a field (itself a varint)."""
+    return _varint_bytes((field << 3) | wire_type)
 
 
-class _Columns:
-    """The columns of one message, left to right, and the byte count of each row.
+def _spread(values: np.ndarray, groups: int) -> np.ndarray:
+    """The low 7-bit groups of every value (at most 8), one group per byte, low first."""
+    if groups <= 3:
+        out = values & _U64(0x7F)
+        for k in range(1, groups):
+            out |= (values & _U64(0x7F << (7 * k))) << _U64(k)
+        return out
+    # Insert the spare bits in three halving steps (28 | 28, then 14s, then 7s).
+    v = values & _LOW56
+    v = (v & _U64(0x0FFFFFFF)) | ((v >> _U64(28)) << _U64(32))
+    v = (v & _U64(0x00003FFF00003FFF)) | ((v & _U64(0x0FFFC0000FFFC000)) << _U64(2))
+    return (v & _U64(0x007F007F007F007F)) | ((v & _U64(0x3F803F803F803F80)) << _U64(1))
 
-    Stored transposed, one (w, N) block per column, so that every numpy operation and
-    the final concatenation work on contiguous memory.
+
+class _Pieces:
+    """The bytes of one message for every row, as pieces of at most 8 bytes.
+
+    words[i]: uint64 per row (or one scalar for all rows), bytes past the used ones 0;
+    used[i]: byte count per row (uint64 array or int); most[i]: the largest count.
     """
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
-        self.data: list[np.ndarray] = []
-        self.masks: list[np.ndarray] = []
-        self.row_lengths = np.zeros(rows, dtype=np.uint32)
+        self.words: list = []
+        self.used: list = []
+        self.most: list[int] = []
 
-    def add(self, data: np.ndarray, present: np.ndarray, lengths: np.ndarray | int) -> None:
-        self.data.append(data)
-        self.masks.append(present)
-        self.row_lengths += lengths
-
-    def constant(self, data: bytes, present: np.ndarray | None = None) -> None:
-        """The same bytes in every row (where `present`, else in all)."""
-        shape = (len(data), self.rows)
-        block = np.broadcast_to(np.frombuffer(data, dtype=np.uint8)[:, None], shape)
-        if present is None:
-            self.add(block, np.broadcast_to(True, shape), len(data))
+    def piece(self, word, used, most: int) -> None:
+        if most == 0:
+            return
+        if self.most and self.most[-1] + most <= 8:
+            previous = self.used[-1]
+            shift = _U64(8 * previous) if isinstance(previous, int) else previous << _U64(3)
+            self.words[-1] = self.words[-1] | (word << shift)
+            self.used[-1] = previous + used
+            self.most[-1] += most
         else:
-            mask = np.broadcast_to(present, shape)
-            self.add(block, mask, present * np.uint32(len(data)))
+            self.words.append(word)
+            self.used.append(used)
+            self.most.append(most)
 
-    def varint(self, values: np.ndarray, present: np.ndarray | None = None) -> None:
-        data, used = _varint(values)
+    def extend(self, other: _Pieces) -> None:
+        for word, used, most in zip(other.words, other.used, other.most):
+            self.piece(word, used, most)
+
+    def constant(self, data: bytes) -> None:
+        for start in range(0, len(data), 8):
+            part = data[start : start + 8]
+            self.piece(_U64(int.from_bytes(part, "little")), len(part), len(part))
+
+    def varint(self, prefix: bytes, values: np.ndarray, present: np.ndarray | None) -> None:
+        """`prefix` (a tag) then the varint of each value, in the rows where `present`."""
+        values = values.astype(np.uint64, copy=False)
+        width = len(_varint_bytes(int(values.max()))) if len(values) else 1
+        count = np.ones(len(values), dtype=np.uint64)
+        if width > 1:
+            count += (values >= _LIMITS[1:width, None]).sum(axis=0, dtype=np.uint64)
+        low = _spread(values, min(width, 8)) | _CONT_LOW[count]
+        tag = _U64(int.from_bytes(prefix, "little"))
+        size = len(prefix)
+        total = count + _U64(size)
         if present is not None:
-            used *= present
-        self.add(data, _POSITION[: len(data), None] < used, used)
+            tag = tag * present  # absent rows: all bytes 0 (the value is 0 there)
+            total *= present
+        if size + width <= 8:
+            self.piece(tag | (low << _U64(8 * size)), total, size + width)
+            return
+        # Tag and varint span two words: bytes 0-7, then the rest (at most 8 more).
+        high = low >> _U64(64 - 8 * size)
+        if width > 8:
+            top = values >> _U64(56)
+            high |= ((top & _U64(0x7F)) | ((top >> _U64(7)) << _U64(8)) | _CONT_HIGH[count]) << _U64(
+                8 * size
+            )
+        first = np.minimum(total, _U64(8))
+        self.piece(tag | (low << _U64(8 * size)), first, 8)
+        self.piece(high, total - first, size + width - 8)
 
     def scalar(self, field: int, values: np.ndarray) -> None:
         """A proto3 uint32/uint64/enum field: left out where the value is 0."""
-        present = values != 0
-        self.constant(_key(field, _VARINT), present)
-        self.varint(values, present)
+        self.varint(_key(field, _VARINT), values, values != 0)
 
-    def message(self, field: int, inner: _Columns) -> None:
+    def message(self, field: int, inner: _Pieces) -> None:
         """A nested message that every row has (possibly empty)."""
-        self.constant(_key(field, _LEN))
-        self.varint(inner.row_lengths)
-        self.data.extend(inner.data)
-        self.masks.extend(inner.masks)
-        self.row_lengths += inner.row_lengths
+        self.varint(_key(field, _LEN), inner.total(), None)
+        self.extend(inner)
+
+    def total(self) -> np.ndarray:
+        out = np.zeros(self.rows, dtype=np.uint64)
+        for used in self.used:
+            out += used
+        return out
+
+    def bytes(self) -> np.ndarray:
+        """The used bytes of every row, rows one after the other."""
+        words = np.empty((self.rows, len(self.words)), dtype="<u8")
+        used = np.empty((self.rows, len(self.words)), dtype=np.uint8)
+        for column, (word, count) in enumerate(zip(self.words, self.used)):
+            words[:, column] = word
+            used[:, column] = count
+        return words.view(np.uint8)[_USED_BYTES[used].view(bool)]
 
 
-_POSITION = np.arange(24, dtype=np.uint32)
-_SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
-_LIMITS = np.uint64(1) << _SHIFTS
-
-
-def _varint(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Varint bytes of every value: 7-bit groups, low first, continuation bit 0x80.
-
-    Returns the (w, N) bytes and the count of bytes each value needs.
-    """
-    biggest = int(values.max()) if len(values) else 0
-    width = len(_varint_bytes(biggest))
-    # The narrowest unsigned type that holds every value keeps the temporaries small.
-    kind = np.uint32 if biggest < (1 << 32) else np.uint64
-    values = values.astype(kind, copy=False)
-    data = ((values >> _SHIFTS[:width, None].astype(kind)) & kind(0x7F)).astype(np.uint8)
-    used = np.ones(len(values), dtype=np.uint32)
-    for limit in _LIMITS[1:width].astype(kind):
-        used += values >= limit
-    data |= (_POSITION[:width, None] + 1 < used).view(np.uint8) << 7
-    return data, used
-
-
-def _timestamp(ns: np.ndarray, offset_ns: int) -> _Columns:
+def _timestamp(ns: np.ndarray, offset_ns: int) -> _Pieces:
     """google.protobuf.Timestamp{seconds = 1, nanos = 2} of monotonic ns + offset."""
-    wall = ns.astype(np.uint64) + np.uint64(offset_ns % (1 << 64))  # wraps like int64 math
-    out = _Columns(len(ns))
+    wall = ns.astype(np.uint64) + _U64(offset_ns % (1 << 64))  # wraps like int64 math
+    out = _Pieces(len(ns))
     out.scalar(1, wall // _NS_PER_S)
     out.scalar(2, wall % _NS_PER_S)
     return out
@@ -155,22 +202,27 @@ def _mac_integer(macs: np.ndarray) -> np.ndarray:
     return padded.view(">u8")[:, 0].astype(np.uint64)
 
 
-def _address(field: int, addresses: np.ndarray, is_v4: np.ndarray, is_v6: np.ndarray) -> Column:
+def _address(out: _Pieces, field: int, addresses: np.ndarray, is_v4: np.ndarray, is_v6) -> None:
     """Network.src_addr/dst_addr: an IP message, ipv4 or ipv6 by row, absent for non-IP.
 
-    v4 row: key, 5, [0x0d, 4 bytes]; v6 row: key, 18, [0x12, 16, 16 bytes].
-    `addresses` are 16 bytes, IPv4 ones mapped (::ffff:a.b.c.d).
+    v4: key, 5, [0x0d, 4 bytes]; v6: key, 18, [0x12, 16, 16 bytes]. `addresses` are
+    16 bytes, IPv4 ones mapped (::ffff:a.b.c.d).
     """
-    data = np.empty((20, len(addresses)), dtype=np.uint8)
-    data[0] = (field << 3) | _LEN
-    data[1] = np.where(is_v4, 5, 18)
-    data[2] = np.where(is_v4, (1 << 3) | _I32, (2 << 3) | _LEN)
-    data[3] = 16
-    data[4:] = addresses.T
-    # fixed32 of the host-order integer a.b.c.d is its little-endian bytes: d, c, b, a.
-    data[3:7] = np.where(is_v4, addresses[:, 15:11:-1].T, data[3:7])
-    lengths = np.where(is_v4, np.uint32(7), np.where(is_v6, np.uint32(20), np.uint32(0)))
-    return data, _POSITION[:20, None] < lengths, lengths
+    halves = np.ascontiguousarray(addresses).view("<u8")  # (N, 2): bytes 0-7, 8-15
+    low, high = halves[:, 0], halves[:, 1]
+    # fixed32 of the host-order integer a.b.c.d: its little-endian bytes d, c, b, a.
+    v4 = (high >> _U64(32)).astype(np.uint32).byteswap().astype(np.uint64)
+    key = (field << 3) | _LEN
+    v4_head = _U64(key | 5 << 8 | ((1 << 3) | _I32) << 16) | (v4 << _U64(24))
+    v6_head = _U64(key | 18 << 8 | ((2 << 3) | _LEN) << 16 | 16 << 24) | (low << _U64(32))
+    zero = _U64(0)
+    out.piece(
+        np.where(is_v4, v4_head, np.where(is_v6, v6_head, zero)),
+        np.where(is_v4, _U64(7), np.where(is_v6, _U64(8), zero)),
+        8,
+    )
+    out.piece(np.where(is_v6, (low >> _U64(32)) | (high << _U64(32)), zero), is_v6 * _U64(8), 8)
+    out.piece(np.where(is_v6, high >> _U64(32), zero), is_v6 * _U64(4), 4)
 
 
 def _ip_message(address: IPAddress) -> bytes:
@@ -181,7 +233,7 @@ def _ip_message(address: IPAddress) -> bytes:
 
 
 class _Interfaces:
-    """Field 10 (string) of every distinct interface of a batch, gathered by row."""
+    """Field 10 (string) of every distinct interface of a batch, as 8-byte pieces."""
 
     def __init__(self, if_index: np.ndarray, names: Mapping[int, str]) -> None:
         unique, inverse = np.unique(if_index, return_inverse=True)
@@ -190,22 +242,20 @@ class _Interfaces:
         for index in unique.tolist():
             name = names.get(index, "").encode()
             encoded.append(_key(10, _LEN) + _varint_bytes(len(name)) + name if name else b"")
-        width = max(len(e) for e in encoded)
-        self.table = np.zeros((len(unique), width), dtype=np.uint8)
-        self.lengths = np.array([len(e) for e in encoded], dtype=np.uint32)
+        count = (max(len(e) for e in encoded) + 7) // 8
+        self.words = np.zeros((len(unique), count), dtype=np.uint64)
+        self.used = np.zeros((len(unique), count), dtype=np.uint64)
         for row, data in enumerate(encoded):
-            self.table[row, : len(data)] = np.frombuffer(data, dtype=np.uint8)
-        self.table = self.table.T.copy()
+            for k in range(0, len(data), 8):
+                part = data[k : k + 8]
+                self.words[row, k // 8] = int.from_bytes(part, "little")
+                self.used[row, k // 8] = len(part)
+        self.most = [int(m) for m in self.used.max(axis=0)]
 
-    def column(self, rows: slice) -> Column:
+    def add(self, out: _Pieces, rows: slice) -> None:
         which = self.inverse[rows]
-        lengths = self.lengths[which]
-        return self.table[:, which], _POSITION[: len(self.table), None] < lengths, lengths
-
-
-# Rows encoded together: small enough that every column of a chunk stays in the CPU
-# cache while the columns are put side by side (a 3-4x difference at 100k flows).
-CHUNK_ROWS = 4096
+        for k, most in enumerate(self.most):
+            out.piece(self.words[which, k], self.used[which, k], most)
 
 
 def encode_entries(batch: FlowBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +266,7 @@ def encode_entries(batch: FlowBatch) -> tuple[np.ndarray, np.ndarray]:
     """
     rows = len(batch.records)
     if rows == 0:
-        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint32)
+        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint64)
     interfaces = _Interfaces(batch.records["if_index"], batch.interfaces)
     agent = b""
     if batch.agent_ip is not None:
@@ -226,6 +276,8 @@ def encode_entries(batch: FlowBatch) -> tuple[np.ndarray, np.ndarray]:
         _encode_chunk(batch, slice(start, start + CHUNK_ROWS), interfaces, agent)
         for start in range(0, rows, CHUNK_ROWS)
     ]
+    if len(chunks) == 1:
+        return chunks[0]
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
@@ -238,41 +290,37 @@ def _encode_chunk(
     is_v4 = eth == ETH_P_IP
     is_v6 = eth == ETH_P_IPV6
 
-    record = _Columns(count)
+    record = _Pieces(count)
     record.scalar(1, eth)
     record.scalar(2, rec["direction"])
     record.message(3, _timestamp(rec["first_seen_ns"], batch.wall_offset_ns))
     record.message(4, _timestamp(rec["last_seen_ns"], batch.wall_offset_ns))
-    data_link = _Columns(count)
+    data_link = _Pieces(count)
     data_link.scalar(1, _mac_integer(rec["src_mac"]))
     data_link.scalar(2, _mac_integer(rec["dst_mac"]))
     record.message(5, data_link)
-    network = _Columns(count)
-    network.add(*_address(1, rec["src_ip"], is_v4, is_v6))
-    network.add(*_address(2, rec["dst_ip"], is_v4, is_v6))
+    network = _Pieces(count)
+    _address(network, 1, rec["src_ip"], is_v4, is_v6)
+    _address(network, 2, rec["dst_ip"], is_v4, is_v6)
     network.scalar(3, rec["dscp"])
     record.message(6, network)
-    transport = _Columns(count)
+    transport = _Pieces(count)
     transport.scalar(1, rec["src_port"])
     transport.scalar(2, rec["dst_port"])
     transport.scalar(3, rec["protocol"])
     record.message(7, transport)
     record.scalar(8, rec["bytes"])
     record.scalar(9, rec["packets"])
-    record.add(*interfaces.column(rows))
-    if agent:
-        record.constant(agent)
+    interfaces.add(record, rows)
+    record.constant(agent)
     record.scalar(13, rec["tcp_flags"])
     record.scalar(14, rec["icmp_type"])
     record.scalar(15, rec["icmp_code"])
     record.scalar(29, rec["sampling"])
 
-    entries = _Columns(count)
+    entries = _Pieces(count)
     entries.message(1, record)
-    data = np.concatenate(entries.data)
-    mask = np.concatenate(entries.masks)
-    # Row by row (flow by flow) through the transposed blocks: the bytes of each record.
-    return data.T[mask.T], entries.row_lengths
+    return entries.bytes(), entries.total()
 
 
 def encode_batch(batch: FlowBatch, max_flows: int) -> list[bytes]:
@@ -281,7 +329,7 @@ def encode_batch(batch: FlowBatch, max_flows: int) -> list[bytes]:
         raise ValueError(f"max_flows must be at least 1, not {max_flows}")
     data, lengths = encode_entries(batch)
     ends = np.cumsum(lengths, dtype=np.int64)
-    starts = ends - lengths
+    starts = ends - lengths.astype(np.int64)
     messages = []
     for first in range(0, len(lengths), max_flows):
         last = min(first + max_flows, len(lengths)) - 1
