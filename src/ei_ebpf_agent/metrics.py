@@ -72,6 +72,7 @@ class Metrics:
                                   ["queue"], registry=r)
         self.build_info = Gauge(p + "build_info", "Agent build; the value is always 1.",
                                 ["version", "python_version", "kernel"], registry=r)
+        self.sampling_rate.set(1)
         self.build_info.labels(__version__, platform.python_version(), platform.release()).set(1)
         self._exports = _ExportCollector(p)
         r.register(self._exports)

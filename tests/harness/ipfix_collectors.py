@@ -235,6 +235,8 @@ class Nfcapd:
             if done.returncode != 0:
                 raise AssertionError(f"nfdump -r {path} failed: {done.stderr[-2000:]}")
             text = done.stdout.strip()
+            if "No matching flows" in text:  # nfdump's "JSON" for an empty file
+                continue
             if text.startswith("["):
                 records += json.loads(text)
         return records
@@ -371,6 +373,7 @@ class MessageReceiver:
                     self._got(self.sessions[0], data)
                 else:
                     conn, _ = self.sock.accept()
+                    conn.settimeout(0.2)
                     with self._lock:
                         self.sessions.append([])
                         session = self.sessions[-1]
@@ -388,7 +391,6 @@ class MessageReceiver:
 
     def _read(self, conn: socket.socket, session: list[bytes]) -> None:
         pending = b""
-        conn.settimeout(0.2)
         while not self._stop.is_set():
             try:
                 data = conn.recv(1 << 20)
