@@ -30,18 +30,25 @@ def generate() -> dict[str, str]:
     well_known = str(resources.files("grpc_tools") / "_proto")
     with tempfile.TemporaryDirectory() as scratch:
         cmd = [
-            sys.executable, "-m", "grpc_tools.protoc",
-            f"-I{PROTO.parent}", f"-I{well_known}",
-            f"--python_out={scratch}", f"--pyi_out={scratch}", f"--grpc_python_out={scratch}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO.parent}",
+            f"-I{well_known}",
+            f"--python_out={scratch}",
+            f"--pyi_out={scratch}",
+            f"--grpc_python_out={scratch}",
             str(PROTO),
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"protoc failed ({done.returncode}): {done.stderr.strip()}")
         texts = {name: (Path(scratch) / name).read_text() for name in FILES}
     # protoc writes a top-level import; the stubs live inside a package.
     grpc_text = texts["flow_pb2_grpc.py"]
-    fixed = grpc_text.replace("\nimport flow_pb2 as flow__pb2\n", "\nfrom . import flow_pb2 as flow__pb2\n")
+    fixed = grpc_text.replace(
+        "\nimport flow_pb2 as flow__pb2\n", "\nfrom . import flow_pb2 as flow__pb2\n"
+    )
     if fixed == grpc_text:
         raise SystemExit("gen_proto: the flow_pb2 import in flow_pb2_grpc.py was not found")
     texts["flow_pb2_grpc.py"] = fixed
@@ -54,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = generate()
     if args.check:
-        stale = [n for n, t in texts.items() if not (OUT / n).exists() or (OUT / n).read_text() != t]
+        stale = [
+            n for n, t in texts.items() if not (OUT / n).exists() or (OUT / n).read_text() != t
+        ]
         for name in stale:
             print(f"stale: {OUT.relative_to(ROOT) / name}", file=sys.stderr)
         return 1 if stale else 0

@@ -58,7 +58,11 @@ def serve(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         handlers=[handler],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # Without this a second collector on the same port would share it silently.
+            ("grpc.so_reuseport", 0),
+        ],
     )
     try:
         if credentials is None:

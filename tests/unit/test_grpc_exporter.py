@@ -22,7 +22,7 @@ from ei_ebpf_agent.flow.record import FLOW_RECORD
 
 grpc = pytest.importorskip("grpc")
 
-FAST = dict(send_timeout=2.0, retry_time=30.0, backoff_initial=0.05, backoff_max=0.3)
+FAST = {"send_timeout": 2.0, "retry_time": 30.0, "backoff_initial": 0.05, "backoff_max": 0.3}
 
 
 class Received:
@@ -144,7 +144,10 @@ def test_queue_overflow_drops_and_counts_without_blocking() -> None:
     exporter.close(timeout=0.5)
     assert exporter.exported_flows == 0
     assert exporter.dropped_flows == 1000
-    assert exporter.dropped_by_reason[REASON_CLOSED] == 1000 - exporter.dropped_by_reason[REASON_QUEUE_FULL]
+    assert (
+        exporter.dropped_by_reason[REASON_CLOSED]
+        == 1000 - exporter.dropped_by_reason[REASON_QUEUE_FULL]
+    )
 
 
 def test_export_after_close_is_dropped_not_raised(collector) -> None:
@@ -201,20 +204,31 @@ def _certificates_with_cryptography(directory: Path) -> None:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     write("ca", ca_key, ca)
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     for stem, usage, san in (
-        ("server", ExtendedKeyUsageOID.SERVER_AUTH,
-         [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+        (
+            "server",
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+        ),
         ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("agent")]),
     ):
         key = ec.generate_private_key(ec.SECP256R1())
@@ -233,8 +247,23 @@ def _certificates_with_openssl(directory: Path) -> None:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
     for stem, usage, san in (
         ("server", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
         ("client", "clientAuth", "DNS:agent"),
@@ -242,10 +271,37 @@ def _certificates_with_openssl(directory: Path) -> None:
         (directory / f"{stem}.ext").write_text(
             f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\nsubjectAltName={san}\n"
         )
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={stem}")
-        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{stem}.crt", "-days", "1", "-extfile", f"{stem}.ext")
+        run(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            f"{stem}.key",
+            "-out",
+            f"{stem}.csr",
+            "-subj",
+            f"/CN={stem}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{stem}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{stem}.crt",
+            "-days",
+            "1",
+            "-extfile",
+            f"{stem}.ext",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +330,9 @@ def _tls_collector(certificates: Path, require_client_auth: bool):
 def test_tls(certificates: Path) -> None:
     received, server, port = _tls_collector(certificates, require_client_auth=False)
     try:
-        exporter = GrpcExporter(settings(port, target_tls_ca_cert_path=certificates / "ca.crt"), **FAST)
+        exporter = GrpcExporter(
+            settings(port, target_tls_ca_cert_path=certificates / "ca.crt"), **FAST
+        )
         exporter.export(make_batch(300))
         exporter.close(timeout=20)
         assert received.byte_counts() == list(range(1, 301))

@@ -23,8 +23,10 @@ def reference(batch: FlowBatch) -> flow_pb2.Records:
         rec = out.entries.add()
         rec.eth_protocol = int(row["eth_protocol"])
         rec.direction = int(row["direction"])
-        for stamp, ns in ((rec.time_flow_start, row["first_seen_ns"]),
-                          (rec.time_flow_end, row["last_seen_ns"])):
+        for stamp, ns in (
+            (rec.time_flow_start, row["first_seen_ns"]),
+            (rec.time_flow_end, row["last_seen_ns"]),
+        ):
             seconds, nanos = divmod(int(ns) + batch.wall_offset_ns, 1_000_000_000)
             stamp.SetInParent()
             stamp.seconds, stamp.nanos = seconds, nanos
@@ -32,7 +34,10 @@ def reference(batch: FlowBatch) -> flow_pb2.Records:
         rec.data_link.src_mac = int.from_bytes(bytes(row["src_mac"]), "big")
         rec.data_link.dst_mac = int.from_bytes(bytes(row["dst_mac"]), "big")
         rec.network.SetInParent()
-        for ip, raw in ((rec.network.src_addr, row["src_ip"]), (rec.network.dst_addr, row["dst_ip"])):
+        for ip, raw in (
+            (rec.network.src_addr, row["src_ip"]),
+            (rec.network.dst_addr, row["dst_ip"]),
+        ):
             if row["eth_protocol"] == 0x0800:
                 ip.ipv4 = int(ipaddress.IPv6Address(bytes(raw)).ipv4_mapped)
             elif row["eth_protocol"] == 0x86DD:
@@ -78,8 +83,18 @@ def random_records(rng: np.random.Generator, n: int) -> np.ndarray:
     rec["bytes"][:4] = [0, 1, (1 << 64) - 1, 1 << 63]
     rec["packets"][:4] = [(1 << 64) - 1, 0, 127, 128]
     # Zero and maximum values of every small field in the first rows.
-    for name in ("src_port", "dst_port", "protocol", "tcp_flags", "dscp", "icmp_type",
-                 "icmp_code", "sampling", "src_mac", "dst_mac"):
+    for name in (
+        "src_port",
+        "dst_port",
+        "protocol",
+        "tcp_flags",
+        "dscp",
+        "icmp_type",
+        "icmp_code",
+        "sampling",
+        "src_mac",
+        "dst_mac",
+    ):
         rec[name][0] = 0
         rec[name][1] = np.iinfo(rec[name].dtype).max if rec[name].ndim == 1 else 0xFF
     return rec
@@ -124,7 +139,9 @@ def test_non_ip_flow_has_no_addresses() -> None:
     assert not entry.network.HasField("dst_addr")
 
 
-@pytest.mark.parametrize("n, max_flows", [(1, 1), (10, 3), (10, 10), (40_000, 10_000), (20_001, 7000)])
+@pytest.mark.parametrize(
+    "n, max_flows", [(1, 1), (10, 3), (10, 10), (40_000, 10_000), (20_001, 7000)]
+)
 def test_split_into_messages_of_at_most_max_flows(n: int, max_flows: int) -> None:
     rec = random_records(np.random.default_rng(n), n)
     batch = make_batch(rec)
@@ -136,7 +153,9 @@ def test_split_into_messages_of_at_most_max_flows(n: int, max_flows: int) -> Non
     for message, row in zip(messages, first_rows):
         entry = flow_pb2.Records.FromString(message).entries[0]
         assert entry.bytes == int(rec["bytes"][row])
-        assert entry.time_flow_start.ToNanoseconds() == int(rec["first_seen_ns"][row]) + WALL_OFFSET_NS
+        assert (
+            entry.time_flow_start.ToNanoseconds() == int(rec["first_seen_ns"][row]) + WALL_OFFSET_NS
+        )
 
 
 def test_empty_batch_gives_no_message() -> None:

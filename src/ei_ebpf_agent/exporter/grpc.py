@@ -106,8 +106,12 @@ def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
     if ca is None and cert is None and key is None:
         return None
     if (cert is None) != (key is None):
-        raise ValueError("mutual TLS needs both TARGET_TLS_USER_CERT_PATH and TARGET_TLS_USER_KEY_PATH")
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        raise ValueError(
+            "mutual TLS needs both TARGET_TLS_USER_CERT_PATH and TARGET_TLS_USER_KEY_PATH"
+        )
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 class GrpcExporter:
@@ -155,7 +159,9 @@ class GrpcExporter:
             request_serializer=None,  # the bytes are already a serialized Records
             response_deserializer=flow_pb2.CollectorReply.FromString,
         )
-        self._queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=max(1, settings.buffers_length))
+        self._queue: queue.Queue[_Batch | None] = queue.Queue(
+            maxsize=max(1, settings.buffers_length)
+        )
         self._lock = threading.Lock()  # guards the counters
         self._closed = False
         self._deadline = float("inf")  # set by close(): give up sending after it
@@ -174,7 +180,9 @@ class GrpcExporter:
         if len(batch) == 0:
             return
         messages = pbwire.encode_batch(batch, self.max_flows)
-        flows = [self.max_flows] * (len(messages) - 1) + [len(batch) - self.max_flows * (len(messages) - 1)]
+        flows = [self.max_flows] * (len(messages) - 1) + [
+            len(batch) - self.max_flows * (len(messages) - 1)
+        ]
         item = _Batch(messages, flows)
         if self._closed:
             self._drop(item, REASON_CLOSED)
@@ -186,7 +194,9 @@ class GrpcExporter:
             self._warn(
                 "grpc exporter: queue of %d batches full (collector %s down or slow), "
                 "dropped %d flows",
-                self._queue.maxsize, self.target, len(batch),
+                self._queue.maxsize,
+                self.target,
+                len(batch),
             )
 
     def close(self, timeout: float = 5.0) -> None:
@@ -249,18 +259,31 @@ class GrpcExporter:
                 with self._lock:
                     self.export_errors += 1
                 if code not in RETRYABLE:
-                    self._warn("grpc exporter: collector %s rejected %d flows: %s %s",
-                               self.target, item.flows[item.sent], code, _details(err))
+                    self._warn(
+                        "grpc exporter: collector %s rejected %d flows: %s %s",
+                        self.target,
+                        item.flows[item.sent],
+                        code,
+                        _details(err),
+                    )
                     self._drop_message(item, REASON_REJECTED)
                     continue
                 if time.monotonic() >= give_up:
-                    self._warn("grpc exporter: collector %s unreachable for %.0fs (%s), "
-                               "dropped %d flows", self.target, self.retry_time, code,
-                               item.remaining_flows())
+                    self._warn(
+                        "grpc exporter: collector %s unreachable for %.0fs (%s), dropped %d flows",
+                        self.target,
+                        self.retry_time,
+                        code,
+                        item.remaining_flows(),
+                    )
                     self._drop(item, REASON_RETRIES_EXHAUSTED)
                     return
-                self._warn("grpc exporter: sending to %s failed (%s %s), retrying",
-                           self.target, code, _details(err))
+                self._warn(
+                    "grpc exporter: sending to %s failed (%s %s), retrying",
+                    self.target,
+                    code,
+                    _details(err),
+                )
                 # Jittered exponential backoff, cut short by close().
                 pause = min(backoff, self.backoff_max) * random.uniform(0.5, 1.0)
                 pause = min(pause, max(0.0, give_up - time.monotonic()))

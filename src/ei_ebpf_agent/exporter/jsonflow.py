@@ -13,10 +13,10 @@ One flow per line, one flat JSON object, keys always present and always in this 
 | protocol | int | IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...) |
 | dscp | int | DSCP of the flow's packets |
 | icmp_type, icmp_code | int | ICMP/ICMPv6 type and code, 0 otherwise |
-| tcp_flags | int | OR of TCP flags (FIN 0x01 ... CWR 0x80; SYN+ACK 0x100, FIN+ACK 0x200, RST+ACK 0x400) |
+| tcp_flags | int | OR of TCP flags (FIN 0x01 .. CWR 0x80; 0x100/0x200/0x400: SYN/FIN/RST+ACK) |
 | bytes | int | bytes of whole frames (Ethernet header included) |
 | packets | int | packets |
-| time_flow_start_ns, time_flow_end_ns | int | first and last packet, wall clock, ns since the epoch |
+| time_flow_start_ns, time_flow_end_ns | int | first/last packet, wall clock, ns since epoch |
 | sampling | int | sampling rate in force (0 or 1: every packet) |
 | agent_ip | string or null | address of the host running the agent |
 
@@ -43,9 +43,26 @@ from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.pbflow import flow_pb2
 
 FIELDS = (
-    "eth_protocol", "direction", "interface", "src_mac", "dst_mac", "src_addr", "dst_addr",
-    "src_port", "dst_port", "protocol", "dscp", "icmp_type", "icmp_code", "tcp_flags",
-    "bytes", "packets", "time_flow_start_ns", "time_flow_end_ns", "sampling", "agent_ip",
+    "eth_protocol",
+    "direction",
+    "interface",
+    "src_mac",
+    "dst_mac",
+    "src_addr",
+    "dst_addr",
+    "src_port",
+    "dst_port",
+    "protocol",
+    "dscp",
+    "icmp_type",
+    "icmp_code",
+    "tcp_flags",
+    "bytes",
+    "packets",
+    "time_flow_start_ns",
+    "time_flow_end_ns",
+    "sampling",
+    "agent_ip",
 )
 
 ETH_P_IP = 0x0800

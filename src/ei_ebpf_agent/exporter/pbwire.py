@@ -154,9 +154,9 @@ class _Pieces:
         high = low >> _U64(64 - 8 * size)
         if width > 8:
             top = values >> _U64(56)
-            high |= ((top & _U64(0x7F)) | ((top >> _U64(7)) << _U64(8)) | _CONT_HIGH[count]) << _U64(
-                8 * size
-            )
+            high |= (
+                (top & _U64(0x7F)) | ((top >> _U64(7)) << _U64(8)) | _CONT_HIGH[count]
+            ) << _U64(8 * size)
         first = np.minimum(total, _U64(8))
         self.piece(tag | (low << _U64(8 * size)), first, 8)
         self.piece(high, total - first, size + width - 8)
