@@ -3,8 +3,8 @@
 `Metrics` owns a dedicated CollectorRegistry (never the process-global one, so tests
 and several agents in one process stay isolated) and a few verbs the agent calls at the
 points where things happen; the agent stays a thin wire. Exporters are not told about
-metrics: `watch_exporter` reads their cumulative `stats` (and queue length) at scrape
-time. Every metric and its labels are listed in docs/metrics.md.
+metrics, nor is the tracer: `watch_exporter` and `watch_tracer` read their cumulative
+counters at scrape time. Every metric and its labels are listed in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import platform
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ei_ebpf_agent import __version__
@@ -36,29 +34,10 @@ class Metrics:
         self.prefix = prefix
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, prefix
-        self.evictions = Counter(p + "evictions", "Evictions of the kernel flow table.",
-                                 registry=r)
-        self.evicted_flows = Counter(p + "evicted_flows",
-                                     "Flows read from the kernel by evictions.", registry=r)
-        self.evicted_packets = Counter(p + "evicted_packets",
-                                       "Packets counted in the evicted flows.", registry=r)
-        self.evicted_bytes = Counter(p + "evicted_bytes",
-                                     "Bytes (whole frames) counted in the evicted flows.",
-                                     registry=r)
         self.eviction_duration = Histogram(
             p + "eviction_duration_seconds",
             "Time of one eviction: map swap, drain, ring-buffer merge and decode.",
             buckets=EVICTION_BUCKETS, registry=r)
-        self.map_fill_ratio = Gauge(
-            p + "flow_table_fill_ratio",
-            "Flows in the kernel table at the last eviction / CACHE_MAX_FLOWS.", registry=r)
-        self.ringbuf_records = Counter(
-            p + "ringbuf_records",
-            "Packets the kernel sent through the ring buffer because the flow table was full.",
-            registry=r)
-        self.ringbuf_lost = Counter(
-            p + "ringbuf_lost",
-            "Packets not counted: flow table and ring buffer both full.", registry=r)
         self.sampling_rate = Gauge(p + "sampling_rate",
                                    "Configured sampling: one packet in N (1: every packet).",
                                    registry=r)
@@ -76,7 +55,8 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version(), platform.release()).set(1)
         self._exports = _ExportCollector(p)
         r.register(self._exports)
-        self._kernel_last = {"records": 0, "lost": 0}
+        self._tracer = _TracerCollector(p)
+        r.register(self._tracer)
         self._server = None
         self._thread: threading.Thread | None = None
 
@@ -95,26 +75,14 @@ class Metrics:
 
     # --- what the agent calls -------------------------------------------------------
 
-    def observe_eviction(self, records: np.ndarray, duration: float,
-                         fill_ratio: float | None = None) -> None:
-        """One eviction that read `records` (FLOW_RECORD rows) in `duration` seconds."""
-        self.evictions.inc()
-        self.eviction_duration.observe(duration)
-        if len(records):
-            self.evicted_flows.inc(len(records))
-            self.evicted_packets.inc(int(records["packets"].sum()))
-            self.evicted_bytes.inc(int(records["bytes"].sum()))
-        if fill_ratio is not None:
-            self.map_fill_ratio.set(fill_ratio)
+    def watch_tracer(self, tracer: object) -> None:
+        """Report the tracer's cumulative counters (evictions, evicted flows/packets/bytes,
+        kernel ring-buffer records and losses, table fill ratio) at every scrape."""
+        self._tracer.tracer = tracer
 
-    def kernel_counters(self, ringbuf_records: int, ringbuf_lost: int) -> None:
-        """Cumulative kernel counters (summed over CPUs); only the increase is added."""
-        for name, value, counter in (("records", ringbuf_records, self.ringbuf_records),
-                                     ("lost", ringbuf_lost, self.ringbuf_lost)):
-            delta = value - self._kernel_last[name]
-            if delta > 0:
-                counter.inc(delta)
-            self._kernel_last[name] = max(value, self._kernel_last[name])
+    def observe_eviction(self, duration: float) -> None:
+        """One eviction took `duration` seconds."""
+        self.eviction_duration.observe(duration)
 
     def interface_event(self, event: str, attached: int) -> None:
         """`event` is added, removed or attach_failed; `attached` is the new total."""
@@ -125,30 +93,37 @@ class Metrics:
         """Report `length()` as queue_length{queue=name} at every scrape."""
         self.queue_length.labels(name).set_function(lambda: float(length()))
 
-    def watch_exporter(self, exporter: object, name: str | None = None) -> None:
-        """Report an exporter's cumulative `stats` (see ExportStats) at every scrape.
-
-        Its queue, if it has `queue_length()`, becomes queue_length{queue="export:<name>"}.
-        """
-        name = name or getattr(exporter, "name", type(exporter).__name__)
-        stats = getattr(exporter, "stats", None)
-        if stats is not None and hasattr(stats, "snapshot"):
-            self._exports.watch(name, stats.snapshot)
-        queue_length = getattr(exporter, "queue_length", None)
-        if callable(queue_length):
-            self.watch_queue(f"export:{name}", queue_length)
+    def watch_exporter(self, exporter: object, name: str) -> None:
+        """Report an exporter's counters at every scrape, from its attributes (those it has):
+        exported_flows, exported_batches, export_errors, dropped_by_reason ({reason: flows})
+        and dropped_batches_by_reason (else dropped_batches, as reason "unknown"). Its
+        `queue_length` (property or method) becomes queue_length{queue="export"}."""
+        self._exports.watch(name, exporter)
+        if hasattr(exporter, "queue_length"):
+            def length() -> int:
+                value = exporter.queue_length
+                return value() if callable(value) else value
+            self.watch_queue("export", length)
 
     def exported(self, exporter: str, flows: int, batches: int = 1) -> None:
-        """For exporters without `stats`: flows and batches handed to the collector."""
-        self._exports.add(exporter, "flows_exported", flows)
-        self._exports.add(exporter, "batches_exported", batches)
+        """For an exporter without counters of its own: flows and batches delivered."""
+        pushed = self._exports.pushed(exporter)
+        with self._exports._lock:
+            pushed.exported_flows += flows
+            pushed.exported_batches += batches
 
-    def export_error(self, exporter: str, reason: str) -> None:
-        self._exports.add_error(exporter, reason)
+    def export_error(self, exporter: str) -> None:
+        pushed = self._exports.pushed(exporter)
+        with self._exports._lock:
+            pushed.export_errors += 1
 
     def dropped(self, exporter: str, reason: str, flows: int, batches: int = 1) -> None:
-        """Flows lost before reaching a collector (e.g. reason queue_full, send_error)."""
-        self._exports.add_drop(exporter, reason, flows, batches)
+        """Flows lost before reaching a collector (e.g. reason queue_full)."""
+        pushed = self._exports.pushed(exporter)
+        with self._exports._lock:
+            pushed.dropped_by_reason[reason] = pushed.dropped_by_reason.get(reason, 0) + flows
+            pushed.dropped_batches_by_reason[reason] = (
+                pushed.dropped_batches_by_reason.get(reason, 0) + batches)
 
     # --- HTTP server ------------------------------------------------------------------
 
@@ -184,46 +159,29 @@ class Metrics:
             self._server = None
 
 
+def _int(obj: object, name: str) -> int:
+    return int(getattr(obj, name, 0) or 0)
+
+
 class _ExportCollector(Collector):
-    """Per-exporter counters: pushed with add*() and/or read from watched stats."""
+    """Per-exporter counters: read from watched exporters' attributes, plus pushed ones."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._lock = threading.Lock()
-        self._watched: list[tuple[str, Callable[[], dict]]] = []
-        self._pushed: dict[str, dict] = {}
+        self._watched: list[tuple[str, object]] = []
+        self._pushed: dict[str, _Pushed] = {}
 
-    def watch(self, name: str, snapshot: Callable[[], dict]) -> None:
+    def watch(self, name: str, exporter: object) -> None:
         with self._lock:
-            self._watched.append((name, snapshot))
+            self._watched.append((name, exporter))
 
-    def _entry(self, exporter: str) -> dict:
-        return self._pushed.setdefault(exporter, {"flows_exported": 0, "batches_exported": 0,
-                                                  "errors": {}, "dropped": {}})
-
-    def add(self, exporter: str, key: str, value: int) -> None:
+    def pushed(self, name: str) -> _Pushed:
         with self._lock:
-            self._entry(exporter)[key] += value
-
-    def add_error(self, exporter: str, reason: str) -> None:
-        with self._lock:
-            errors = self._entry(exporter)["errors"]
-            errors[reason] = errors.get(reason, 0) + 1
-
-    def add_drop(self, exporter: str, reason: str, flows: int, batches: int) -> None:
-        with self._lock:
-            dropped = self._entry(exporter)["dropped"]
-            old = dropped.get(reason, (0, 0))
-            dropped[reason] = (old[0] + flows, old[1] + batches)
-
-    def _snapshots(self) -> Iterable[tuple[str, dict]]:
-        with self._lock:
-            pushed = [(name, {"flows_exported": e["flows_exported"],
-                              "batches_exported": e["batches_exported"],
-                              "errors": dict(e["errors"]), "dropped": dict(e["dropped"])})
-                      for name, e in self._pushed.items()]
-            watched = list(self._watched)
-        return pushed + [(name, snapshot()) for name, snapshot in watched]
+            if name not in self._pushed:
+                self._pushed[name] = _Pushed()
+                self._watched.append((name, self._pushed[name]))
+            return self._pushed[name]
 
     def collect(self):
         p = self._prefix
@@ -233,41 +191,97 @@ class _ExportCollector(Collector):
                                       "Batches (evictions) sent to the collector.",
                                       labels=["exporter"])
         errors = CounterMetricFamily(p + "export_errors",
-                                     "Errors talking to the collector (connect, send_error...).",
-                                     labels=["exporter", "reason"])
+                                     "Failed attempts to reach or send to the collector.",
+                                     labels=["exporter"])
         dropped_flows = CounterMetricFamily(
             p + "dropped_flows", "Flows that never reached the collector, by reason.",
             labels=["exporter", "reason"])
         dropped_batches = CounterMetricFamily(
             p + "dropped_batches", "Batches that never reached the collector, by reason.",
             labels=["exporter", "reason"])
-        totals: dict[str, dict] = {}
-        for name, snap in self._snapshots():
-            total = totals.setdefault(name, {"flows_exported": 0, "batches_exported": 0,
-                                             "errors": {}, "dropped": {}})
-            total["flows_exported"] += int(snap.get("flows_exported", 0))
-            total["batches_exported"] += int(snap.get("batches_exported", 0))
-            for reason, count in dict(snap.get("errors", {})).items():
-                total["errors"][reason] = total["errors"].get(reason, 0) + count
-            for reason, (f, b) in dict(snap.get("dropped", {})).items():
-                old = total["dropped"].get(reason, (0, 0))
-                total["dropped"][reason] = (old[0] + f, old[1] + b)
-        for name, total in sorted(totals.items()):
-            flows.add_metric([name], total["flows_exported"])
-            batches.add_metric([name], total["batches_exported"])
-            for reason, count in sorted(total["errors"].items()):
-                errors.add_metric([name, reason], count)
-            for reason, (f, b) in sorted(total["dropped"].items()):
-                dropped_flows.add_metric([name, reason], f)
-                dropped_batches.add_metric([name, reason], b)
+        totals: dict[str, list] = {}
+        with self._lock:
+            watched = list(self._watched)
+        for name, source in watched:
+            total = totals.setdefault(name, [0, 0, 0, {}, {}])
+            total[0] += _int(source, "exported_flows")
+            total[1] += _int(source, "exported_batches")
+            total[2] += _int(source, "export_errors")
+            for reason, count in dict(getattr(source, "dropped_by_reason", {}) or {}).items():
+                total[3][reason] = total[3].get(reason, 0) + count
+            by_reason = getattr(source, "dropped_batches_by_reason", None)
+            if by_reason is None:
+                by_reason = {"unknown": _int(source, "dropped_batches")}
+            for reason, count in dict(by_reason).items():
+                total[4][reason] = total[4].get(reason, 0) + count
+        for name, (f, b, e, dropped_f, dropped_b) in sorted(totals.items()):
+            flows.add_metric([name], f)
+            batches.add_metric([name], b)
+            errors.add_metric([name], e)
+            for reason, count in sorted(dropped_f.items()):
+                dropped_flows.add_metric([name, reason], count)
+            for reason, count in sorted(dropped_b.items()):
+                if count or reason != "unknown":
+                    dropped_batches.add_metric([name, reason], count)
         return [flows, batches, errors, dropped_flows, dropped_batches]
 
     def describe(self):
-        # Names only, so the registry can detect clashes without calling collect().
+        # Names only, so the registry can detect clashes without reading any exporter.
         p = self._prefix
         return [CounterMetricFamily(p + n, "", labels=["exporter"])
                 for n in ("exported_flows", "exported_batches", "export_errors",
                           "dropped_flows", "dropped_batches")]
+
+
+class _Pushed:
+    """Counters for an exporter that reports through Metrics.exported()/dropped()."""
+
+    def __init__(self) -> None:
+        self.exported_flows = 0
+        self.exported_batches = 0
+        self.export_errors = 0
+        self.dropped_by_reason: dict[str, int] = {}
+        self.dropped_batches_by_reason: dict[str, int] = {}
+
+
+class _TracerCollector(Collector):
+    """The tracer's cumulative counters, read at scrape time (zero until one is watched)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self.tracer: object = None
+
+    def collect(self):
+        p, t = self._prefix, self.tracer
+        counters = (
+            ("evictions", "Evictions of the kernel flow table.", "evictions"),
+            ("evicted_flows", "Flows read from the kernel by evictions.", "evicted_flows"),
+            ("evicted_packets", "Packets counted in the evicted flows.", "evicted_packets"),
+            ("evicted_bytes", "Bytes (whole frames) counted in the evicted flows.",
+             "evicted_bytes"),
+            ("ringbuf_records", ("Packets the kernel sent through the ring buffer because the "
+             "flow table was full."), "kernel_ringbuf_records"),
+            ("ringbuf_lost", "Packets not counted: flow table and ring buffer both full.",
+             "kernel_ringbuf_lost"),
+        )
+        out = []
+        for name, help_text, attribute in counters:
+            family = CounterMetricFamily(p + name, help_text)
+            family.add_metric([], _int(t, attribute))
+            out.append(family)
+        fill = GaugeMetricFamily(p + "flow_table_fill_ratio",
+                                 "Flows in the kernel table at the last eviction / "
+                                 "CACHE_MAX_FLOWS.")
+        fill.add_metric([], float(getattr(t, "map_fill_ratio", 0.0) or 0.0))
+        out.append(fill)
+        return out
+
+    def describe(self):
+        p = self._prefix
+        return [CounterMetricFamily(p + n, "") for n in (
+            "evictions", "evicted_flows", "evicted_packets", "evicted_bytes",
+            "ringbuf_records", "ringbuf_lost")] + [
+            GaugeMetricFamily(p + "flow_table_fill_ratio", "")]
 
 
 __all__ = ["DEFAULT_PREFIX", "Metrics"]

@@ -61,7 +61,7 @@ def all_received(receiver: MessageReceiver, exporter: IpfixExporter) -> list:
     def done():
         messages = receiver.messages
         data = sum(len(m) for m in messages if int.from_bytes(m[16:18], "big") != 2)
-        return messages if data == exporter.stats.bytes_sent else None
+        return messages if data == exporter.bytes_sent else None
     return wait_for(done, what="every message sent to be received")
 
 
@@ -90,8 +90,8 @@ def test_flows_of_every_batch_reach_the_collector_with_templates_first(transport
         assert max(len(m) for m in messages) > 1400  # TCP messages are not held to the MTU
     else:
         assert max(len(m) for m in messages) <= 1400
-    assert exporter.stats.flows_exported == 80 and exporter.stats.batches_exported == 2
-    assert exporter.stats.dropped == {}
+    assert exporter.exported_flows == 80 and exporter.exported_batches == 2
+    assert exporter.dropped_flows == 0
 
 
 @needs_tshark
@@ -121,7 +121,7 @@ def test_a_collector_started_after_the_exporter_decodes_after_the_template_refre
     nfcapd = Nfcapd(port=port)
     try:
         exporter.export(batch(5))  # nobody listens yet: templates and data are lost
-        wait_for(lambda: exporter.stats.batches_exported == 1, what="first batch sent")
+        wait_for(lambda: exporter.exported_batches == 1, what="first batch sent")
         nfcapd.start()
         time.sleep(0.5)  # past the refresh interval
         exporter.export(batch(7, first_port=30000))
@@ -147,7 +147,7 @@ def test_tcp_exporter_waits_for_a_late_collector_then_delivers_the_queue():
     try:
         exporter.export(batch(10))
         exporter.export(batch(10, first_port=11000))
-        wait_for(lambda: exporter.stats.errors.get("connect"), what="a failed connect")
+        wait_for(lambda: exporter.export_errors, what="a failed connect")
         receiver = MessageReceiver("tcp", port=port)
         exporter.close(10)
         messages = all_received(receiver, exporter)
@@ -156,7 +156,7 @@ def test_tcp_exporter_waits_for_a_late_collector_then_delivers_the_queue():
             receiver.stop()
     assert ports_of(tshark_records(messages)) == list(range(10000, 10010)) + \
         list(range(11000, 11010))
-    assert exporter.stats.flows_exported == 20
+    assert exporter.exported_flows == 20
 
 
 @needs_tshark
@@ -165,7 +165,7 @@ def test_tcp_reconnects_after_the_collector_drops_the_connection_with_a_new_sess
     exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, "tcp"))
     try:
         exporter.export(batch(10))
-        wait_for(lambda: exporter.stats.batches_exported == 1, what="first batch")
+        wait_for(lambda: exporter.exported_batches == 1, what="first batch")
         wait_for(lambda: len(receiver.messages) >= 2, what="first messages")
         receiver.close_connections()
         time.sleep(0.2)
@@ -182,32 +182,32 @@ def test_tcp_reconnects_after_the_collector_drops_the_connection_with_a_new_sess
     assert tshark_template_messages(sessions[1])[0] == 0  # templates first on the new session
     assert ports_of(second) == list(range(12000, 12004))
     assert {r["sequence"] for r in second} == {0}  # sequence numbers restart per session
-    assert exporter.stats.flows_exported == 14
+    assert exporter.exported_flows == 14
 
 
 def test_a_full_queue_drops_and_counts_batches_and_close_never_hangs():
     port = free_port(socket.SOCK_STREAM)  # nobody listens: the sender retries with backoff
     exporter = IpfixExporter(IpfixOptions("127.0.0.1", port, "tcp", queue_length=2))
     exporter.export(batch(1))
-    wait_for(lambda: exporter.queue_length() == 0, what="sender picks the first batch")
+    wait_for(lambda: exporter.queue_length == 0, what="sender picks the first batch")
     for _ in range(4):
         exporter.export(batch(3))
-    assert exporter.stats.dropped == {"queue_full": (6, 2)}
+    assert exporter.dropped_by_reason == {"queue_full": 6}
     start = time.monotonic()
     exporter.close(0.5)
     assert time.monotonic() - start < 3
-    dropped = exporter.stats.dropped
-    assert dropped["queue_full"] == (6, 2)
-    assert dropped["shutdown"] == (1 + 3 + 3, 3)
-    assert exporter.stats.flows_exported == 0
+    assert exporter.dropped_by_reason == {"queue_full": 6, "closed": 1 + 3 + 3}
+    assert exporter.dropped_batches_by_reason == {"queue_full": 2, "closed": 3}
+    assert exporter.dropped_flows == 13 and exporter.dropped_batches == 5
+    assert exporter.exported_flows == 0
 
 
 def test_an_unresolvable_collector_never_raises():
     exporter = IpfixExporter(IpfixOptions("collector.invalid", 4739, "udp"))
     exporter.export(batch(2))
     exporter.close(0.5)
-    assert exporter.stats.errors.get("connect", 0) >= 1
-    assert exporter.stats.dropped["shutdown"] == (2, 1)
+    assert exporter.export_errors >= 1
+    assert exporter.dropped_by_reason == {"closed": 2}
 
 
 def test_options_follow_settings_and_pick_the_transport_from_export():

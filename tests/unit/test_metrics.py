@@ -10,14 +10,12 @@ import subprocess
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 from harness.ipfix_collectors import MessageReceiver, synthetic_batch
 from prometheus_client.parser import text_string_to_metric_families
 
 from ei_ebpf_agent import __version__
 from ei_ebpf_agent.exporter.ipfix import IpfixExporter, IpfixOptions
-from ei_ebpf_agent.flow.record import FLOW_RECORD
 from ei_ebpf_agent.metrics import Metrics
 
 
@@ -41,19 +39,27 @@ def url(m: Metrics) -> str:
     return f"http://127.0.0.1:{m.port}/metrics"
 
 
-def records(packets, frame_bytes) -> np.ndarray:
-    out = np.zeros(len(packets), FLOW_RECORD)
-    out["packets"], out["bytes"] = packets, frame_bytes
-    return out
+class FakeTracer:
+    """The tracer's counters, as FlowTracer exposes them."""
+
+    evictions = 0
+    evicted_flows = evicted_packets = evicted_bytes = 0
+    kernel_ringbuf_records = kernel_ringbuf_lost = 0
+    map_fill_ratio = 0.0
 
 
-def test_evictions_and_kernel_counters_are_scraped_with_the_prefix(metrics):
-    metrics.observe_eviction(records([3, 4], [300, 400]), 0.02, fill_ratio=0.25)
-    metrics.observe_eviction(records([5], [1000]), 0.2, fill_ratio=0.5)
-    metrics.kernel_counters(ringbuf_records=10, ringbuf_lost=0)
-    metrics.kernel_counters(ringbuf_records=15, ringbuf_lost=2)
-    got = scrape(url(metrics))
+def test_tracer_counters_are_read_at_scrape_time_with_the_prefix(metrics):
+    tracer = FakeTracer()
+    metrics.watch_tracer(tracer)
     none = frozenset()
+    assert scrape(url(metrics))[("test_agent_evictions_total", none)] == 0
+    tracer.evictions, tracer.evicted_flows = 2, 3
+    tracer.evicted_packets, tracer.evicted_bytes = 12, 1700
+    tracer.kernel_ringbuf_records, tracer.kernel_ringbuf_lost = 15, 2
+    tracer.map_fill_ratio = 0.5
+    metrics.observe_eviction(0.02)
+    metrics.observe_eviction(0.2)
+    got = scrape(url(metrics))
     assert got[("test_agent_evictions_total", none)] == 2
     assert got[("test_agent_evicted_flows_total", none)] == 3
     assert got[("test_agent_evicted_packets_total", none)] == 12
@@ -87,36 +93,61 @@ def test_interfaces_queues_sampling_and_build_info(metrics):
     assert len(info) == 1 and ("version", __version__) in info[0]
 
 
-def test_exporter_stats_are_read_at_scrape_time(metrics):
+def test_exporter_counters_are_read_at_scrape_time(metrics):
     receiver = MessageReceiver("tcp")
     exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, "tcp", queue_length=1))
-    metrics.watch_exporter(exporter)
+    metrics.watch_exporter(exporter, "ipfix+tcp")
     try:
         batch = synthetic_batch([{"eth_protocol": 0x0800, "packets": 1}] * 5)
         exporter.export(batch)
         exporter.close(5)
+        exporter.export(batch)  # after close: dropped, reason closed
     finally:
         receiver.stop()
-    metrics.dropped("ipfix+tcp", "queue_full", flows=4)  # pushed counts add to the watched ones
-    metrics.exported("grpc", flows=7, batches=2)
-    metrics.export_error("grpc", "unavailable")
+    metrics.exported("grpc", flows=7, batches=2)  # an exporter without counters of its own
+    metrics.dropped("grpc", "queue_full", flows=4)
+    metrics.export_error("grpc")
     got = scrape(url(metrics))
     ipfix = frozenset({("exporter", "ipfix+tcp")})
     assert got[("test_agent_exported_flows_total", ipfix)] == 5
     assert got[("test_agent_exported_batches_total", ipfix)] == 1
-    assert got[("test_agent_dropped_flows_total",
-                frozenset({("exporter", "ipfix+tcp"), ("reason", "queue_full")}))] == 4
-    assert got[("test_agent_exported_flows_total", frozenset({("exporter", "grpc")}))] == 7
-    assert got[("test_agent_export_errors_total",
-                frozenset({("exporter", "grpc"), ("reason", "unavailable")}))] == 1
-    assert got[("test_agent_queue_length", frozenset({("queue", "export:ipfix+tcp")}))] == 0
+    assert got[("test_agent_export_errors_total", ipfix)] == 0
+    closed = frozenset({("exporter", "ipfix+tcp"), ("reason", "closed")})
+    assert got[("test_agent_dropped_flows_total", closed)] == 5
+    assert got[("test_agent_dropped_batches_total", closed)] == 1
+    grpc = frozenset({("exporter", "grpc")})
+    assert got[("test_agent_exported_flows_total", grpc)] == 7
+    assert got[("test_agent_export_errors_total", grpc)] == 1
+    assert got[("test_agent_dropped_flows_total", grpc | {("reason", "queue_full")})] == 4
+    assert got[("test_agent_queue_length", frozenset({("queue", "export")}))] == 0
+
+
+class GrpcLikeExporter:
+    """Counters as the grpc exporter has them: no per-reason batch counts."""
+
+    exported_flows, exported_batches, export_errors = 10, 2, 3
+    dropped_flows, dropped_batches = 6, 2
+    queue_length = 4  # a property there
+
+    def __init__(self) -> None:
+        self.dropped_by_reason = {"retries_exhausted": 6}
+
+
+def test_an_exporter_without_per_reason_batches_reports_them_as_unknown(metrics):
+    metrics.watch_exporter(GrpcLikeExporter(), "grpc")
+    got = scrape(url(metrics))
+    grpc = frozenset({("exporter", "grpc")})
+    assert got[("test_agent_dropped_flows_total", grpc | {("reason", "retries_exhausted")})] == 6
+    assert got[("test_agent_dropped_batches_total", grpc | {("reason", "unknown")})] == 2
+    assert got[("test_agent_export_errors_total", grpc)] == 3
+    assert got[("test_agent_queue_length", frozenset({("queue", "export")}))] == 4
 
 
 def test_two_agents_in_one_process_do_not_share_metrics():
     a, b = Metrics(), Metrics()
-    a.evictions.inc()
-    assert a.registry.get_sample_value("ebpf_agent_evictions_total") == 1
-    assert b.registry.get_sample_value("ebpf_agent_evictions_total") == 0
+    a.observe_eviction(0.1)
+    assert a.registry.get_sample_value("ebpf_agent_eviction_duration_seconds_count") == 1
+    assert b.registry.get_sample_value("ebpf_agent_eviction_duration_seconds_count") == 0
 
 
 def test_from_settings_serves_only_when_enabled():

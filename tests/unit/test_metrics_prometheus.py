@@ -36,7 +36,7 @@ def query(port: int, expr: str) -> list:
 def test_prometheus_scrapes_the_agent_and_a_query_returns_its_series(tmp_path):
     metrics = Metrics()
     metrics.start_server("127.0.0.1", 0)
-    metrics.evictions.inc(3)
+    metrics.observe_eviction(0.05)
     metrics.exported("ipfix+udp", flows=42)
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -64,7 +64,8 @@ def test_prometheus_scrapes_the_agent_and_a_query_returns_its_series(tmp_path):
         assert result, f"no series after 60 s; prometheus log:\n{log.read().decode()[-3000:]}"
         assert result[0]["metric"]["job"] == "ei-ebpf-agent"
         assert float(result[0]["value"][1]) == 42
-        assert float(query(web, "ebpf_agent_evictions_total")[0]["value"][1]) == 3
+        count = query(web, "ebpf_agent_eviction_duration_seconds_count")
+        assert float(count[0]["value"][1]) == 1
         assert query(web, 'up{job="ei-ebpf-agent"}')[0]["value"][1] == "1"
     finally:
         server.terminate()

@@ -3,8 +3,9 @@
 `export` only queues the batch (bounded: a full queue drops the batch and counts it);
 one sender thread encodes it with ipfix_encode and sends the messages. The collector
 being down never raises: on TCP the thread reconnects with exponential backoff while
-the queue absorbs what it can; what cannot be sent is counted in `stats` and logged on
-state changes, not per batch.
+the queue absorbs what it can; what cannot be sent is counted (attributes exported_flows,
+exported_batches, export_errors, dropped_flows, dropped_batches, dropped_by_reason, like
+the grpc exporter's) and logged on state changes, not per batch.
 
 Transport sessions (RFC 7011 section 10): a TCP connection is a session, so every new
 connection starts at sequence number 0 and sends the templates first. On UDP the
@@ -20,8 +21,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ei_ebpf_agent.exporter.ipfix_encode import MAX_MESSAGE_LEN, IpfixEncoder
 from ei_ebpf_agent.flow.batch import FlowBatch
@@ -33,10 +33,10 @@ DEFAULT_UDP_MESSAGE_SIZE = 1400  # fits a 1500-byte path MTU with IPv6 + UDP hea
 SEND_TIMEOUT = 10.0  # seconds a blocked TCP send may take before the connection is dropped
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0  # seconds between reconnection attempts
 
-# Reasons (metric label values) for dropped batches.
-DROP_QUEUE_FULL = "queue_full"
-DROP_SEND_ERROR = "send_error"
-DROP_SHUTDOWN = "shutdown"
+# Reasons (metric label values) for dropped flows, as the grpc exporter's where they match.
+REASON_QUEUE_FULL = "queue_full"  # the collector is down or too slow
+REASON_SEND_ERROR = "send_error"  # the connection failed while the batch was being sent
+REASON_CLOSED = "closed"  # still queued (or unreachable collector) when close() gave up
 
 
 @dataclass(frozen=True)
@@ -83,35 +83,6 @@ class IpfixOptions:
         )
 
 
-@dataclass
-class ExportStats:
-    """Cumulative counters, read by metrics at scrape time. Guarded by `lock`."""
-
-    flows_exported: int = 0
-    batches_exported: int = 0
-    messages_sent: int = 0
-    bytes_sent: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # reason -> count
-    dropped: dict[str, tuple[int, int]] = field(default_factory=dict)  # reason -> (flows, batches)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def error(self, reason: str) -> None:
-        with self.lock:
-            self.errors[reason] = self.errors.get(reason, 0) + 1
-
-    def drop(self, reason: str, flows: int, batches: int = 1) -> None:
-        with self.lock:
-            old_flows, old_batches = self.dropped.get(reason, (0, 0))
-            self.dropped[reason] = (old_flows + flows, old_batches + batches)
-
-    def snapshot(self) -> Mapping[str, object]:
-        with self.lock:
-            return {"flows_exported": self.flows_exported,
-                    "batches_exported": self.batches_exported,
-                    "messages_sent": self.messages_sent, "bytes_sent": self.bytes_sent,
-                    "errors": dict(self.errors), "dropped": dict(self.dropped)}
-
-
 _STOP = object()
 
 
@@ -121,7 +92,19 @@ class IpfixExporter:
     def __init__(self, options: IpfixOptions) -> None:
         self.options = options
         self.name = f"ipfix+{options.transport}"
-        self.stats = ExportStats()
+        # Counters, read as attributes (metrics reads them at scrape time), as the grpc
+        # exporter's; guarded by _lock.
+        self.exported_flows = 0
+        self.exported_batches = 0
+        self.export_errors = 0  # failed connects and sends
+        self.dropped_flows = 0
+        self.dropped_batches = 0
+        self.dropped_by_reason: dict[str, int] = {}  # reason -> flows
+        self.dropped_batches_by_reason: dict[str, int] = {}  # reason -> batches
+        self.messages_sent = 0  # data messages (not templates)
+        self.bytes_sent = 0  # bytes of those messages
+        self._lock = threading.Lock()
+        self._closed = False
         # Validate sizes now, at start, rather than in the sender thread.
         IpfixEncoder(options.observation_domain_id, options.message_size)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=options.queue_length)
@@ -144,15 +127,24 @@ class IpfixExporter:
     # --- Exporter protocol --------------------------------------------------------------
 
     def export(self, batch: FlowBatch) -> None:
+        """Queue the batch; drop and count it when the queue is full. Never blocks."""
+        if len(batch) == 0:
+            return
+        if self._closed:
+            self._drop(REASON_CLOSED, len(batch))
+            return
         try:
             self._queue.put_nowait(batch)
         except queue.Full:
-            self.stats.drop(DROP_QUEUE_FULL, len(batch))
+            self._drop(REASON_QUEUE_FULL, len(batch))
             log.warning("%s: queue full (%d batches), dropped a batch of %d flows",
                         self.name, self.options.queue_length, len(batch))
 
     def close(self, timeout: float) -> None:
         """Send what is queued, waiting at most `timeout` seconds, then close the socket."""
+        if self._closed:
+            return
+        self._closed = True
         self._deadline = time.monotonic() + timeout
         self._closing.set()
         try:
@@ -163,8 +155,9 @@ class IpfixExporter:
         if self._thread.is_alive():
             log.warning("%s: sender still busy after %.1fs; giving up", self.name, timeout)
 
+    @property
     def queue_length(self) -> int:
-        """Batches waiting to be sent (for the queue length gauge)."""
+        """Batches waiting to be sent."""
         return self._queue.qsize()
 
     @property
@@ -181,7 +174,7 @@ class IpfixExporter:
                     break
                 assert isinstance(item, FlowBatch)
                 if self._past_deadline():
-                    self.stats.drop(DROP_SHUTDOWN, len(item))
+                    self._drop(REASON_CLOSED, len(item))
                     continue
                 self._send_batch(item)
         finally:
@@ -192,7 +185,7 @@ class IpfixExporter:
 
     def _send_batch(self, batch: FlowBatch) -> None:
         if not self._ensure_session():
-            self.stats.drop(DROP_SHUTDOWN, len(batch))
+            self._drop(REASON_CLOSED, len(batch))
             return
         assert self._encoder is not None
         try:
@@ -202,18 +195,30 @@ class IpfixExporter:
             else:
                 self._send_tcp(messages)
         except OSError as error:
-            self.stats.error(DROP_SEND_ERROR)
-            self.stats.drop(DROP_SEND_ERROR, len(batch))
+            self._error()
+            self._drop(REASON_SEND_ERROR, len(batch))
             log.warning("%s: sending to %s:%d failed (%s); batch of %d flows dropped",
                         self.name, self.options.host, self.options.port, error, len(batch))
             if self.options.transport == "tcp":
                 self._disconnect()
             return
-        with self.stats.lock:
-            self.stats.flows_exported += len(batch)
-            self.stats.batches_exported += 1
-            self.stats.messages_sent += len(messages)
-            self.stats.bytes_sent += sum(len(m) for m in messages)
+        with self._lock:
+            self.exported_flows += len(batch)
+            self.exported_batches += 1
+            self.messages_sent += len(messages)
+            self.bytes_sent += sum(len(m) for m in messages)
+
+    def _drop(self, reason: str, flows: int) -> None:
+        with self._lock:
+            self.dropped_flows += flows
+            self.dropped_batches += 1
+            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + flows
+            self.dropped_batches_by_reason[reason] = (
+                self.dropped_batches_by_reason.get(reason, 0) + 1)
+
+    def _error(self) -> None:
+        with self._lock:
+            self.export_errors += 1
 
     def _send_udp(self, messages: list[bytes]) -> None:
         assert self._sock is not None and self._encoder is not None
@@ -251,7 +256,7 @@ class IpfixExporter:
             try:
                 self._connect()
             except OSError as error:
-                self.stats.error("connect")
+                self._error()
                 if not self._down_logged:
                     log.warning("%s: cannot reach collector %s:%d (%s); retrying with backoff",
                                 self.name, self.options.host, self.options.port, error)
