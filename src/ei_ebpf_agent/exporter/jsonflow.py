@@ -34,6 +34,7 @@ pbflow Record; both give the same line for the same flow.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 
@@ -67,16 +68,35 @@ FIELDS = (
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
-_DIRECTIONS = {0: "ingress", 1: "egress"}
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_DIRECTIONS = {0: '"ingress"', 1: '"egress"'}
+
+# Filled with text already in JSON form: faster than json.dumps of a dict per flow, and
+# the one place that fixes the key order.
+_TEMPLATE = "{{" + ",".join(f'"{name}":{{}}' for name in FIELDS) + "}}"
 
 
-def _line(values: tuple) -> str:
-    return _ENCODER.encode(dict(zip(FIELDS, values)))
+@functools.lru_cache(maxsize=4096)
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
-def _direction(value: int) -> object:
-    return _DIRECTIONS.get(value, value)
+def _quoted(text: str | None) -> str:
+    """An address or MAC (plain ASCII) as a JSON string, or null."""
+    return "null" if text is None else f'"{text}"'
+
+
+def _line(
+    eth: int, direction: int, interface: str, src_mac: str, dst_mac: str,
+    src_addr: str | None, dst_addr: str | None, src_port: int, dst_port: int, protocol: int,
+    dscp: int, icmp_type: int, icmp_code: int, tcp_flags: int, n_bytes: int, packets: int,
+    start_ns: int, end_ns: int, sampling: int, agent_ip: str | None,
+) -> str:  # fmt: skip
+    return _TEMPLATE.format(
+        eth, _DIRECTIONS.get(direction, direction), _json_string(interface),
+        _quoted(src_mac), _quoted(dst_mac), _quoted(src_addr), _quoted(dst_addr),
+        src_port, dst_port, protocol, dscp, icmp_type, icmp_code, tcp_flags, n_bytes, packets,
+        start_ns, end_ns, sampling, _quoted(agent_ip),
+    )  # fmt: skip
 
 
 def _macs(macs: np.ndarray) -> list[str]:
@@ -90,7 +110,8 @@ def _addresses(addresses: np.ndarray, eth: np.ndarray) -> list:
     out: list = [None] * len(eth)
     for row, kind in enumerate(eth.tolist()):
         if kind == ETH_P_IP:
-            out[row] = str(ipaddress.IPv4Address(raw[row * 16 + 12 : row * 16 + 16]))
+            a, b, c, d = raw[row * 16 + 12 : row * 16 + 16]
+            out[row] = f"{a}.{b}.{c}.{d}"
         elif kind == ETH_P_IPV6:
             out[row] = str(ipaddress.IPv6Address(raw[row * 16 : row * 16 + 16]))
     return out
@@ -106,7 +127,7 @@ def batch_lines(batch: FlowBatch) -> list[str]:
     agent = str(batch.agent_ip) if batch.agent_ip is not None else None
     columns = zip(
         eth.tolist(),
-        map(_direction, rec["direction"].tolist()),
+        rec["direction"].tolist(),
         batch.interface_names().tolist(),
         _macs(rec["src_mac"]),
         _macs(rec["dst_mac"]),
@@ -125,7 +146,7 @@ def batch_lines(batch: FlowBatch) -> list[str]:
         [ns + offset for ns in rec["last_seen_ns"].tolist()],
         rec["sampling"].tolist(),
     )
-    return [_line((*values, agent)) for values in columns]
+    return [_line(*values, agent) for values in columns]
 
 
 def _ip_text(ip: flow_pb2.IP) -> str | None:
@@ -151,26 +172,24 @@ def record_line(record: flow_pb2.Record) -> str:
     """The JSON line (without newline) of one received pbflow Record."""
     network, transport = record.network, record.transport
     return _line(
-        (
-            record.eth_protocol,
-            _direction(record.direction),
-            record.interface,
-            _mac_text(record.data_link.src_mac),
-            _mac_text(record.data_link.dst_mac),
-            _ip_text(network.src_addr),
-            _ip_text(network.dst_addr),
-            transport.src_port,
-            transport.dst_port,
-            transport.protocol,
-            network.dscp,
-            record.icmp_type,
-            record.icmp_code,
-            record.flags,
-            record.bytes,
-            record.packets,
-            _timestamp_ns(record.time_flow_start),
-            _timestamp_ns(record.time_flow_end),
-            record.sampling,
-            _ip_text(record.agent_ip) if record.HasField("agent_ip") else None,
-        )
+        record.eth_protocol,
+        record.direction,
+        record.interface,
+        _mac_text(record.data_link.src_mac),
+        _mac_text(record.data_link.dst_mac),
+        _ip_text(network.src_addr),
+        _ip_text(network.dst_addr),
+        transport.src_port,
+        transport.dst_port,
+        transport.protocol,
+        network.dscp,
+        record.icmp_type,
+        record.icmp_code,
+        record.flags,
+        record.bytes,
+        record.packets,
+        _timestamp_ns(record.time_flow_start),
+        _timestamp_ns(record.time_flow_end),
+        record.sampling,
+        _ip_text(record.agent_ip) if record.HasField("agent_ip") else None,
     )
