@@ -13,6 +13,10 @@ already serialized bytes. Bounded everywhere:
 - close(timeout) stops accepting batches and sends what is queued for at most `timeout`
   seconds; what is left is dropped and counted.
 
+A message whose Send timed out may still have reached the collector, so a retry can
+deliver it twice (at least once, like the Go agent); messages are never reordered
+within a batch, and only one is in flight at a time.
+
 Counters (read them as attributes): exported_flows, exported_batches, export_errors
 (failed Send calls), dropped_flows, dropped_batches, dropped_by_reason ({reason: flows}),
 queue_length.
