@@ -14,7 +14,7 @@ already serialized bytes. Bounded everywhere:
   seconds; what is left is dropped and counted.
 
 A message whose Send timed out may still have reached the collector, so a retry can
-deliver it twice (at least once, like the Go agent); messages are never reordered
+deliver it twice (at-least-once delivery); messages are never reordered
 within a batch, and only one is in flight at a time.
 
 Counters (read them as attributes): exported_flows, exported_batches, export_errors
