@@ -105,7 +105,7 @@ def generate(session: nox.Session) -> None:
 @nox.session
 def proto(session: nox.Session) -> None:
     """Regenerate the protobuf/gRPC stubs in src/ei_ebpf_agent/pbflow from proto/flow.proto."""
-    session.install("grpcio-tools")
+    session.install("grpcio-tools==1.85.1")  # the committed stubs were made with it
     session.run("python", "tools/gen_proto.py", *session.posargs)
 
 
