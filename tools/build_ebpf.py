@@ -3,6 +3,7 @@
 
     python3 tools/build_ebpf.py [--out DIR] [--builder NAME]   # (re)generate
     python3 tools/build_ebpf.py --check                         # exit 1 if pkg/ebpf drifted
+    python3 tools/build_ebpf.py --builder-json '{"kind": ...}'  # record a builder object
 
 Writes flows_bpfel.o and flows_bpfeb.o (one object per byte order: TC programs do not
 depend on the CPU architecture), SHA256SUMS (sha256sum format, objects only) and
@@ -58,6 +59,7 @@ def asm_include_dir() -> str:
     multiarch = sysconfig.get_config_var("MULTIARCH")
     candidates = [Path("/usr/include") / multiarch] if multiarch else []
     candidates += sorted(Path("/usr/include").glob("*-linux-gnu*"))
+    candidates.append(Path("/usr/include"))  # distributions without multiarch (Fedora)
     for cand in candidates:
         if (cand / "asm" / "types.h").is_file():
             return str(cand)
@@ -111,7 +113,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(out: Path, builder: str) -> dict[str, str]:
+def build(out: Path, builder: str | dict[str, str]) -> dict[str, str]:
     """Build every target into out; return {file name: sha256}."""
     clang = find_tool("CLANG", ("clang-19", "clang"))
     strip = find_tool("LLVM_STRIP", ("llvm-strip-19", "llvm-strip"))
@@ -175,7 +177,7 @@ def build(out: Path, builder: str) -> dict[str, str]:
     return sums
 
 
-def check(committed: Path, builder: str) -> int:
+def check(committed: Path, builder: str | dict[str, str]) -> int:
     """Rebuild in a temp dir and compare object hashes with `committed`; 1 on drift."""
     with tempfile.TemporaryDirectory(prefix="ebpf-check-") as tmp:
         built = build(Path(tmp), builder)
@@ -219,12 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--builder", default="local", help='recorded in BUILD-INFO.json (default "local")'
     )
+    parser.add_argument(
+        "--builder-json",
+        help="a JSON object recorded as the builder instead of --builder (tools/generate.py)",
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
+    builder = args.builder
+    if args.builder_json:
+        builder = json.loads(args.builder_json)
+        if not isinstance(builder, dict):
+            parser.error("--builder-json must be a JSON object")
     try:
         if args.check:
-            return check(out, args.builder)
-        for name, digest in sorted(build(out, args.builder).items()):
+            return check(out, builder)
+        for name, digest in sorted(build(out, builder).items()):
             print(f"{digest}  {shown(out / name)}")
     except BuildError as exc:
         print(f"build_ebpf: {exc}", file=sys.stderr)

@@ -27,8 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import EngineError, find_engine  # noqa: E402
+from engine import EngineError, find_engine  # tools/engine.py (sys.path[0] is tools/)
 
 DEFAULT_NAME = "localhost/ei-debian-base:bookworm"
 SUITE = "bookworm"
