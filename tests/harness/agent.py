@@ -1,8 +1,8 @@
 """The agent as a real process inside a test namespace, configured only by environment.
 
 Which agent runs: EI_AGENT_CMD (a shell-quoted command, e.g. `ei-ebpf-agent` from an installed
-wheel) or, by default, `python -m ei_ebpf_agent` from this source tree (src/ is put on
-PYTHONPATH). A `prefix` (e.g. setpriv ...) goes between `ip netns exec NS` and the command;
+wheel) or, by default, `python -m ei_ebpf_agent` with the same package the tests import (the
+installed wheel under nox, src/ when run from a source tree). A `prefix` (e.g. setpriv ...) goes between `ip netns exec NS` and the command;
 `wrap` replaces the namespace wrapping altogether (e.g. a container runtime).
 """
 
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 STARTED = "agent started"
 
 
@@ -35,7 +34,9 @@ def agent_base_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR")
            if k in os.environ}
     if "EI_AGENT_CMD" not in os.environ:
-        env["PYTHONPATH"] = str(SRC)
+        import ei_ebpf_agent
+
+        env["PYTHONPATH"] = str(Path(ei_ebpf_agent.__file__).resolve().parents[1])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
