@@ -22,9 +22,9 @@ struct flow_key {
 	__u16 eth_protocol; /* EtherType of the payload after any VLAN tags */
 	__u16 src_port;     /* TCP/UDP/SCTP; 0 otherwise */
 	__u16 dst_port;
-	__u8 protocol;      /* IP protocol number; 0 for non-IP */
-	__u8 direction;     /* FLOW_DIRECTION_* */
-	__u8 icmp_type;     /* ICMP/ICMPv6 only */
+	__u8 protocol;  /* IP protocol number; 0 for non-IP */
+	__u8 direction; /* FLOW_DIRECTION_* */
+	__u8 icmp_type; /* ICMP/ICMPv6 only */
 	__u8 icmp_code;
 	__u8 _pad0[2];
 };
@@ -37,8 +37,8 @@ struct flow_value {
 	__u64 ip_bytes;      /* IP header + payload (RFC 7012 octets); 0 for non-IP */
 	__u64 first_seen_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
 	__u64 last_seen_ns;
-	__u32 sampling;      /* sampling rate in force when the flow was created */
-	__u16 tcp_flags;     /* OR of TCP flags, plus FLOW_FLAG_*_ACK combinations */
+	__u32 sampling;  /* sampling rate in force when the flow was created */
+	__u16 tcp_flags; /* OR of TCP flags, plus FLOW_FLAG_*_ACK combinations */
 	__u8 dscp;
 	__u8 _pad0;
 	__u8 src_mac[6];
