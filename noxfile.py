@@ -39,7 +39,11 @@ TEST_PACKAGES = {
     "trafgen": "netsniff-ng",
     "ping": "iputils-ping",
 }
-BUILD_PACKAGES = {"clang-19": "clang-19", "llvm-strip-19": "llvm-19", "/usr/include/bpf/bpf_helpers.h": "libbpf-dev"}
+BUILD_PACKAGES = {
+    "clang-19": "clang-19",
+    "llvm-strip-19": "llvm-19",
+    "/usr/include/bpf/bpf_helpers.h": "libbpf-dev",
+}
 
 
 def _present(thing: str) -> bool:
@@ -131,7 +135,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (root): datapath ns/packet and throughput vs no/empty program, userspace flows/s."""
+    """Benchmarks (root): datapath ns/packet, throughput vs no/empty program, userspace flows/s."""
     if os.geteuid() != 0:
         session.skip("the datapath benchmark needs root")
     ensure_system_packages(session, {**RUNTIME_PACKAGES, **TEST_PACKAGES, **BUILD_PACKAGES})

@@ -12,13 +12,15 @@ import ipaddress
 import logging
 import signal
 import threading
-from typing import Dict, Tuple
+import time
 
 from ei_ebpf_agent.config import IPAddress, Settings
 from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram
 from ei_ebpf_agent.exporter import Exporter
+from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.flow.tracer import FlowTracer
 from ei_ebpf_agent.ifaces import InterfaceFilter, InterfaceWatcher
+from ei_ebpf_agent.metrics import Metrics
 
 __all__ = ["Agent", "AgentStartError"]
 
@@ -29,6 +31,10 @@ EXPORT_CLOSE_TIMEOUT = 10.0  # seconds the exporter may take to flush at shutdow
 
 def make_exporter(settings: Settings) -> Exporter:
     """The exporter named by EXPORT (config has already validated the name)."""
+    if settings.export.startswith("ipfix+"):
+        from ei_ebpf_agent.exporter.ipfix import IpfixExporter
+
+        return IpfixExporter.from_settings(settings)
     if settings.export == "grpc":
         from ei_ebpf_agent.exporter.grpc import GrpcExporter
 
@@ -63,14 +69,21 @@ class Agent:
         self.settings = settings
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the two dicts below (watcher thread vs main)
-        self._attached: Dict[int, Tuple[str, list]] = {}  # if_index -> (name, attachments)
-        self._names: Dict[int, str] = {}  # every name seen, kept so late flows keep a name
+        self._attached: dict[int, tuple[str, list]] = {}  # if_index -> (name, attachments)
+        self._names: dict[int, str] = {}  # every name seen, kept so late flows keep a name
 
     def run(self) -> int:
         settings = self.settings
         self._install_signal_handlers()  # before attaching: a signal must not skip teardown
         agent_ip = settings.agent_ip or detect_agent_ip()
         with contextlib.ExitStack() as stack:
+            try:
+                self._metrics = metrics = Metrics.from_settings(settings)
+            except OSError as error:
+                raise AgentStartError(
+                    f"cannot serve metrics on {settings.metrics_server_address}:"
+                    f"{settings.metrics_server_port}: {error.strerror or error}") from error
+            stack.callback(metrics.close)
             program = FlowProgram.load(
                 sampling=settings.sampling, max_flows=settings.cache_max_flows
             )
@@ -78,8 +91,10 @@ class Agent:
             tracer = FlowTracer(program, interfaces_lookup=self._interface_names,
                                 agent_ip=agent_ip)
             stack.callback(tracer.close)
+            metrics.watch_tracer(tracer)
             exporter = make_exporter(settings)
             stack.callback(exporter.close, EXPORT_CLOSE_TIMEOUT)
+            metrics.watch_exporter(exporter, settings.export)
             self._program = program
             # Pop order: detach everything, then the final drain, then flush and close.
             stack.callback(self._final_drain, tracer, exporter)
@@ -96,18 +111,24 @@ class Agent:
             log.info("agent started: %d interfaces attached, agent IP %s, exporting to %s",
                      len(self._attached), agent_ip, settings.export)
             while not self._stop.wait(settings.cache_active_timeout):
-                self._export(tracer.evict(), exporter)
+                self._export(self._evict(tracer), exporter)
             log.info("stopping: detaching, final drain and export")
         log.info("agent stopped")
         return 0
 
-    def _export(self, batch, exporter: Exporter) -> None:
+    def _evict(self, tracer: FlowTracer) -> FlowBatch:
+        start = time.monotonic()
+        batch = tracer.evict()
+        self._metrics.observe_eviction(time.monotonic() - start)
+        return batch
+
+    def _export(self, batch: FlowBatch, exporter: Exporter) -> None:
         if len(batch):
             exporter.export(batch)
         self._forget_stale_names()
 
     def _final_drain(self, tracer: FlowTracer, exporter: Exporter) -> None:
-        self._export(tracer.evict(), exporter)
+        self._export(self._evict(tracer), exporter)
 
     def _install_signal_handlers(self) -> None:
         def stop(signum, _frame) -> None:
@@ -117,7 +138,7 @@ class Agent:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
 
-    def _directions(self) -> Tuple[str, ...]:
+    def _directions(self) -> tuple[str, ...]:
         if self.settings.direction == "both":
             return ("ingress", "egress")
         return (self.settings.direction,)
@@ -134,10 +155,13 @@ class Agent:
             for attachment in attachments:
                 attachment.detach()
             log.warning("cannot attach to %s (index %d): %s", name, if_index, error)
+            self._metrics.interface_event("attach_failed", len(self._attached))
             return
         with self._lock:
             self._attached[if_index] = (name, attachments)
             self._names[if_index] = name
+            attached = len(self._attached)
+        self._metrics.interface_event("added", attached)
         log.info("attached to %s (index %d, %s)", name, if_index, attachments[0].mode)
 
     def _on_removed(self, if_index: int, name: str) -> None:
@@ -145,6 +169,7 @@ class Agent:
             entry = self._attached.pop(if_index, None)
         if entry is None:
             return
+        self._metrics.interface_event("removed", len(self._attached))
         for attachment in entry[1]:
             attachment.detach()  # the interface is gone: detach only releases our handle
         log.info("interface %s (index %d) removed", name, if_index)
@@ -156,7 +181,7 @@ class Agent:
             for attachment in attachments:
                 attachment.detach()
 
-    def _interface_names(self) -> Dict[int, str]:
+    def _interface_names(self) -> dict[int, str]:
         with self._lock:
             return dict(self._names)
 

@@ -53,11 +53,17 @@ class Settings:
     metrics_server_address: str = "0.0.0.0"
     metrics_server_port: int = 9090
     metrics_prefix: str = "ebpf_agent_"
+    metrics_tls_cert_path: Path | None = None
+    metrics_tls_key_path: Path | None = None
+    ipfix_observation_domain_id: int = 1
+    ipfix_max_message_size: int = 0  # 0: 1400 on UDP, 65535 on TCP
+    ipfix_template_refresh_interval: float = 60.0  # seconds; 0 disables (UDP only)
+    ipfix_template_refresh_messages: int = 1000  # 0 disables (UDP only)
 
 
 # Accepted values, one tuple each so that later formats (ipfix+udp, ipfix+tcp) are one edit.
-EXPORTS: tuple[str, ...] = ("stdout", "grpc")
-EXPORTS_NEEDING_TARGET: tuple[str, ...] = ("grpc",)
+EXPORTS: tuple[str, ...] = ("stdout", "grpc", "ipfix+udp", "ipfix+tcp")
+EXPORTS_NEEDING_TARGET: tuple[str, ...] = ("grpc", "ipfix+udp", "ipfix+tcp")
 LISTEN_MODES: tuple[str, ...] = ("watch", "poll")
 DIRECTIONS: tuple[str, ...] = ("both", "ingress", "egress")
 TC_ATTACH_MODES: tuple[str, ...] = ("any", "tcx", "tc")
@@ -80,6 +86,9 @@ ALIASES: dict[str, str] = {"FLOWS_TARGET_HOST": "TARGET_HOST", "FLOWS_TARGET_POR
 MAX_SAMPLING = 2**31 - 1  # agent_config.sampling is a __u32; keep it a positive int32
 MAX_CACHE_FLOWS = 10_000_000  # preallocated: 2 tables x 10 M x (48 + 64) B is already ~2.2 GB
 MAX_INT = 2**31 - 1
+# Smallest IPFIX message that holds every template (exporter/ipfix_encode.MIN_MESSAGE_SIZE;
+# a unit test keeps them equal, config does not import the encoder).
+IPFIX_MIN_MESSAGE_SIZE = 228
 # The eviction swap waits an RCU grace period (~7-16 ms), so a shorter period cannot be kept.
 MIN_ACTIVE_TIMEOUT = 0.010
 MIN_POLL_PERIOD = 0.010  # a smaller period would only spin
@@ -166,6 +175,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
                           "required when TARGET_TLS_USER_CERT_PATH is set (mutual TLS verifies "
                           "the collector with this CA)")
 
+    metrics_cert = env.get("METRICS_TLS_CERT_PATH", _readable_file, "a readable file")
+    metrics_key = env.get("METRICS_TLS_KEY_PATH", _readable_file, "a readable file")
+    if (metrics_cert is None) != (metrics_key is None):
+        missing, present = (("METRICS_TLS_KEY_PATH", "METRICS_TLS_CERT_PATH")
+                            if metrics_key is None else
+                            ("METRICS_TLS_CERT_PATH", "METRICS_TLS_KEY_PATH"))
+        raise ConfigError(missing, "", f"required when {present} is set (the metrics server "
+                          "needs both certificate and key for HTTPS)")
+
     interfaces = env.get("INTERFACES", _interface_list, _INTERFACES_HELP) or ()
     exclude = env.get("EXCLUDE_INTERFACES", _interface_list, _INTERFACES_HELP)
     if exclude is None:
@@ -215,6 +233,20 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         "metrics_prefix": env.get(
             "METRICS_PREFIX", lambda v: v if _METRICS_PREFIX_RE.fullmatch(v) else None,
             "a Prometheus metric name prefix matching [a-zA-Z_:][a-zA-Z0-9_:]*"),
+        "metrics_tls_cert_path": metrics_cert,
+        "metrics_tls_key_path": metrics_key,
+        "ipfix_observation_domain_id": env.get(
+            "IPFIX_OBSERVATION_DOMAIN_ID", _int_in(0, 2**32 - 1),
+            "an integer from 0 to 4294967295"),
+        "ipfix_max_message_size": env.get(
+            "IPFIX_MAX_MESSAGE_SIZE", _ipfix_message_size,
+            f"0 (automatic) or an integer from {IPFIX_MIN_MESSAGE_SIZE} to 65535"),
+        "ipfix_template_refresh_interval": env.get(
+            "IPFIX_TEMPLATE_REFRESH_INTERVAL", parse_duration,
+            f"{DURATION_HELP} (0s disables)"),
+        "ipfix_template_refresh_messages": env.get(
+            "IPFIX_TEMPLATE_REFRESH_MESSAGES", _int_in(0, MAX_INT),
+            f"an integer from 0 to {MAX_INT} (0 disables)"),
     }
     # Unset variables keep the dataclass default.
     return Settings(**{k: v for k, v in values.items() if v is not None})
@@ -232,6 +264,9 @@ def describe(settings: Settings) -> str:
         parts.append(f"tls={tls}")
         if s.export == "grpc":
             parts.append(f"grpc_message_max_flows={s.grpc_message_max_flows}")
+        else:
+            parts.append(f"ipfix_domain={s.ipfix_observation_domain_id}"
+                         f" ipfix_max_message_size={s.ipfix_max_message_size or 'auto'}")
     parts += [
         f"interfaces={','.join(s.interfaces) or '*'}",
         f"exclude_interfaces={','.join(s.exclude_interfaces) or '-'}",
@@ -249,7 +284,8 @@ def describe(settings: Settings) -> str:
     if s.metrics_enable:
         address = s.metrics_server_address
         address = f"[{address}]" if ":" in address else address
-        parts.append(f"metrics={address}:{s.metrics_server_port}/{s.metrics_prefix}")
+        scheme = "https" if s.metrics_tls_cert_path else "http"
+        parts.append(f"metrics={scheme}://{address}:{s.metrics_server_port}/{s.metrics_prefix}")
     else:
         parts.append("metrics=off")
     return "config: " + " ".join(parts)
@@ -316,6 +352,11 @@ def _int_in(low: int, high: int) -> Callable[[str], int | None]:
         number = int(value)
         return number if low <= number <= high else None
     return parse
+
+
+def _ipfix_message_size(value: str) -> int | None:
+    size = _int_in(0, 65535)(value)
+    return size if size == 0 or (size or 0) >= IPFIX_MIN_MESSAGE_SIZE else None
 
 
 def _ip(value: str) -> IPAddress | None:

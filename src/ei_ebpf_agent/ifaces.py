@@ -1,4 +1,4 @@
-"""Which interfaces to attach to: name filters, and a watcher that reports links as they come and go.
+"""Which interfaces to attach to: name filters, and a watcher reporting links as they come and go.
 
 The watcher keeps the set of matching links as {ifindex: name} and reports differences: a new
 link is `on_added`, a vanished one `on_removed`, a rename is removed + added. Both modes diff a

@@ -254,7 +254,6 @@ def raw_ethernet(link: Link, count: int = 4, size: int = 80, ethertype: int = 0x
     sock = link.local_ns.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.bind((link.local_name, 0))
-        mac = lambda m: bytes.fromhex(m.replace(":", ""))
         header = mac(link.peer_mac) + mac(link.local_mac) + struct.pack("!H", ethertype)
         for n in range(count):
             sock.send(header + bytes([n & 0xFF]) * (size - ETH_HLEN))
@@ -316,7 +315,6 @@ def udp_frame(link: Link, sport: int, dport: int, payload: bytes) -> bytes:
     udp = struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
     csum = _checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
-    mac = lambda m: bytes.fromhex(m.replace(":", ""))
     return mac(link.peer_mac) + mac(link.local_mac) + struct.pack("!H", ETH_P_IP) + ip_hdr + udp
 
 
@@ -341,3 +339,8 @@ def trafgen_udp(link: Link, count: int = 1000, payload_len: int = 300, sport: in
     exp.add(key, count, count * len(frame), count * (len(frame) - ETH_HLEN))
     exp.dscp[key] = 0
     return exp
+
+
+def mac(text: str) -> bytes:
+    """"aa:bb:cc:dd:ee:ff" -> 6 bytes."""
+    return bytes.fromhex(text.replace(":", ""))

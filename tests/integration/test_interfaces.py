@@ -89,7 +89,7 @@ def test_interface_filters_with_regex_select_traced_interfaces(topo, grpc_collec
     result = agent.stop()
     assert result.returncode == 0, result.stderr
 
-    for link, yes, expected in zip(links, traced, expectations):
+    for _link, yes, expected in zip(links, traced, expectations):
         if yes:
             wait_exact(expected, grpc_collector.flows, timeout=10)
     flows = grpc_collector.flows()

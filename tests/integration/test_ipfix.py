@@ -12,17 +12,7 @@ from harness.assertions import check_fields, wait_exact
 from harness.ipfix_collectors import NfcapdIpfixCollector, TsharkIpfixCollector, tools_missing
 from harness.skips import requires_root_netns
 
-from ei_ebpf_agent import config
-
-
-def _not_wired() -> str | None:
-    if "ipfix+udp" not in getattr(config, "EXPORTS", ()):
-        return "EXPORT=ipfix+udp is not accepted by config yet (agent wiring pending)"
-    return None
-
-
-pytestmark = [pytest.mark.root, requires_root_netns(),
-              pytest.mark.skipif(_not_wired() is not None, reason=str(_not_wired()))]
+pytestmark = [pytest.mark.root, requires_root_netns()]
 
 COLLECTORS = {"nfcapd": (NfcapdIpfixCollector, ("nfcapd", "nfdump")),
               "tshark": (TsharkIpfixCollector, ("tshark",))}

@@ -61,14 +61,14 @@ def test_surrounding_blanks_are_trimmed():
 # --- EXPORT and target -------------------------------------------------------------------
 
 def test_export_stdout_and_grpc_are_accepted():
-    assert EXPORTS == ("stdout", "grpc")
+    assert EXPORTS == ("stdout", "grpc", "ipfix+udp", "ipfix+tcp")
     assert load_settings({"EXPORT": "stdout"}).export == "stdout"
     s = load_settings({"EXPORT": "GRPC", **GRPC})
     assert (s.export, s.target_host, s.target_port) == ("grpc", "collector", 2055)
 
 
 def test_unknown_export_names_the_accepted_ones():
-    assert error_of({"EXPORT": "kafka"}) == "invalid EXPORT='kafka': one of stdout, grpc"
+    assert error_of({"EXPORT": "kafka"}) == "invalid EXPORT='kafka': one of stdout, grpc, ipfix+udp, ipfix+tcp"
 
 
 def test_target_without_export_means_grpc():
@@ -433,5 +433,49 @@ def test_describe_grpc_with_mutual_tls_shows_mode_not_files(pem):
     assert "\n" not in line
     assert "export=grpc target=[fd00::5]:2055 tls=mutual grpc_message_max_flows=10000" in line
     assert "interfaces=/eth.*/ exclude_interfaces=lo listen_interfaces=poll/1m30s" in line
-    assert "metrics=0.0.0.0:9090/ebpf_agent_" in line
+    assert "metrics=http://0.0.0.0:9090/ebpf_agent_" in line
     assert "user.key" not in line and "pem" not in line
+
+
+def test_ipfix_minimum_message_size_matches_the_encoder():
+    from ei_ebpf_agent.config import IPFIX_MIN_MESSAGE_SIZE
+    from ei_ebpf_agent.exporter.ipfix_encode import MIN_MESSAGE_SIZE
+
+    assert IPFIX_MIN_MESSAGE_SIZE == MIN_MESSAGE_SIZE
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("IPFIX_OBSERVATION_DOMAIN_ID", "-1"),
+    ("IPFIX_OBSERVATION_DOMAIN_ID", "4294967296"),
+    ("IPFIX_MAX_MESSAGE_SIZE", "100"),
+    ("IPFIX_MAX_MESSAGE_SIZE", "65536"),
+    ("IPFIX_TEMPLATE_REFRESH_INTERVAL", "60"),
+    ("IPFIX_TEMPLATE_REFRESH_MESSAGES", "many"),
+    ("METRICS_TLS_CERT_PATH", "/nonexistent/cert.pem"),
+])
+def test_bad_ipfix_and_metrics_tls_values_name_the_variable(variable, value):
+    env = {"EXPORT": "ipfix+udp", "TARGET_HOST": "127.0.0.1", "TARGET_PORT": "4739",
+           variable: value}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env)
+    assert raised.value.variable == variable
+    assert "\n" not in str(raised.value)
+
+
+def test_ipfix_settings_parse():
+    settings = load_settings({
+        "EXPORT": "ipfix+tcp", "TARGET_HOST": "127.0.0.1", "TARGET_PORT": "4739",
+        "IPFIX_OBSERVATION_DOMAIN_ID": "7", "IPFIX_MAX_MESSAGE_SIZE": "9000",
+        "IPFIX_TEMPLATE_REFRESH_INTERVAL": "30s", "IPFIX_TEMPLATE_REFRESH_MESSAGES": "0",
+    })
+    assert (settings.export, settings.ipfix_observation_domain_id,
+            settings.ipfix_max_message_size, settings.ipfix_template_refresh_interval,
+            settings.ipfix_template_refresh_messages) == ("ipfix+tcp", 7, 9000, 30.0, 0)
+
+
+def test_metrics_tls_needs_cert_and_key(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"METRICS_TLS_CERT_PATH": str(cert)})
+    assert raised.value.variable == "METRICS_TLS_KEY_PATH"

@@ -38,7 +38,8 @@ FLOW_VALUE = np.dtype(
 def _concat(first: np.dtype, second: np.dtype) -> np.dtype:
     """One flat dtype: the fields of `first`, then those of `second` after it."""
     names = list(first.names) + list(second.names)
-    formats = [first.fields[n][0] for n in first.names] + [second.fields[n][0] for n in second.names]
+    formats = [first.fields[n][0] for n in first.names]
+    formats += [second.fields[n][0] for n in second.names]
     offsets = [first.fields[n][1] for n in first.names] + [
         first.itemsize + second.fields[n][1] for n in second.names
     ]

@@ -4,7 +4,6 @@ Prometheus server scrapes it too."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import socket
@@ -22,17 +21,7 @@ from harness.ipfix_collectors import TsharkIpfixCollector, tools_missing
 from harness.skips import requires_root_netns
 from prometheus_client.parser import text_string_to_metric_families
 
-from ei_ebpf_agent import agent as agent_module
-
-
-def _not_wired() -> str | None:
-    if "Metrics" not in inspect.getsource(agent_module):
-        return "the agent does not serve metrics yet (wiring pending)"
-    return None
-
-
-pytestmark = [pytest.mark.root, requires_root_netns(),
-              pytest.mark.skipif(_not_wired() is not None, reason=str(_not_wired()))]
+pytestmark = [pytest.mark.root, requires_root_netns()]
 
 
 def free_port(ns) -> int:
