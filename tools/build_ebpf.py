@@ -55,9 +55,11 @@ def find_tool(env_var: str, candidates: tuple[str, ...]) -> str:
 
 
 def asm_include_dir() -> str:
-    """The directory with <asm/types.h> for UAPI headers: /usr/include/<multiarch>."""
+    """The directory with <asm/types.h> for UAPI headers: $ASM_INCLUDE (the nix dev shell
+    sets it), else /usr/include/<multiarch>."""
     multiarch = sysconfig.get_config_var("MULTIARCH")
-    candidates = [Path("/usr/include") / multiarch] if multiarch else []
+    candidates = [Path(os.environ["ASM_INCLUDE"])] if os.environ.get("ASM_INCLUDE") else []
+    candidates += [Path("/usr/include") / multiarch] if multiarch else []
     candidates += sorted(Path("/usr/include").glob("*-linux-gnu*"))
     candidates.append(Path("/usr/include"))  # distributions without multiarch (Fedora)
     for cand in candidates:
