@@ -1,0 +1,158 @@
+"""Userspace cost: kernel table -> FlowBatch -> pbflow bytes, for 100,000 flows.
+
+Runs in a fresh Python process (so its peak RSS is the agent's userspace alone):
+loads the real object, fills the active flow table with distinct flows by batch
+update, then times FlowTracer.evict() (swap with its RCU wait, batch drain, numpy
+decode) and pbwire.encode_batch() (GRPC_MESSAGE_MAX_FLOWS = 10,000 per message).
+
+`python bench/userspace.py [--flows N] [--rounds R]` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import kbpf
+import numpy as np
+
+from ei_ebpf_agent.ebpf.loader import FlowProgram
+from ei_ebpf_agent.exporter import pbwire
+from ei_ebpf_agent.flow.record import FLOW_KEY, FLOW_VALUE
+from ei_ebpf_agent.flow.tracer import FlowTracer
+
+TARGET_FLOWS_PER_S = 1_000_000
+TARGET_RSS_MB = 80
+MESSAGE_MAX_FLOWS = 10_000
+INTERFACES = {2: "eth0", 3: "eth1", 4: "veth1", 5: "cni0"}
+FILL_CHUNK = 8192
+
+
+def make_flows(first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flows first..first+n-1 (distinct for any index below 2**24): 90% IPv4 (TCP/UDP),
+    10% IPv6, 4 interfaces, both directions."""
+    rng = np.random.default_rng(first)
+    i = np.arange(first, first + n, dtype=np.uint32)
+    keys = np.zeros(n, dtype=FLOW_KEY)
+    v6 = rng.random(n) < 0.1
+    keys["eth_protocol"] = np.where(v6, 0x86DD, 0x0800)
+    src = keys["src_ip"]
+    dst = keys["dst_ip"]
+    # IPv4 mapped ::ffff:10.x.y.z with x.y.z = i (distinct), to a few servers.
+    src[~v6, 10:12] = 0xFF
+    dst[~v6, 10:12] = 0xFF
+    src[~v6, 12] = 10
+    src[:, 13:16] = np.stack([(i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF], axis=1)
+    dst[~v6, 12:16] = [192, 168, 0, 10]
+    dst[:, 15] += (i % 8).astype(np.uint8)
+    src[v6, 0:2] = [0xFD, 0x00]
+    dst[v6, 0:2] = [0xFD, 0x01]
+    keys["if_index"] = list(INTERFACES)[0] + i % len(INTERFACES)
+    keys["direction"] = i & 1
+    keys["protocol"] = np.where(rng.random(n) < 0.7, 6, 17)
+    keys["src_port"] = 1024 + i % 60000
+    keys["dst_port"] = rng.choice([53, 80, 443, 8080, 9090], n)
+    values = np.zeros(n, dtype=FLOW_VALUE)
+    values["packets"] = rng.integers(1, 10_000, n)
+    values["bytes"] = values["packets"] * rng.integers(60, 1500, n)
+    values["ip_bytes"] = values["bytes"] - 14 * values["packets"]
+    now = time.monotonic_ns()
+    values["first_seen_ns"] = now - rng.integers(0, 5_000_000_000, n)
+    values["last_seen_ns"] = now
+    values["sampling"] = 1
+    values["tcp_flags"] = np.where(keys["protocol"] == 6, 0x18, 0)
+    values["src_mac"] = rng.integers(0, 256, (n, 6))
+    values["dst_mac"] = rng.integers(0, 256, (n, 6))
+    return keys, values
+
+
+def fill(map_fd: int, flows: int) -> None:
+    """Put `flows` distinct flows into a table, made in small chunks: the benchmark's own
+    data must not weigh in the peak RSS."""
+    for first in range(0, flows, FILL_CHUNK):
+        kbpf.map_update_batch(map_fd, *make_flows(first, min(FILL_CHUNK, flows - first)))
+
+
+def measure(flows: int, rounds: int) -> dict:
+    rss_start = _rss_now_mb()
+    program = FlowProgram.load(max_flows=flows)
+    tracer = FlowTracer(program, interfaces_lookup=lambda: INTERFACES,
+                        agent_ip=ipaddress.ip_address("10.0.0.1"))
+    active = "flows_a"  # the table the loader points slot 0 to; evict() swaps
+    evict_s, encode_s, out_bytes = [], [], 0
+    try:
+        for _ in range(rounds):
+            fill(program.map_fds[active], flows)
+            start = time.perf_counter()
+            batch = tracer.evict()
+            drained = time.perf_counter()
+            messages = pbwire.encode_batch(batch, MESSAGE_MAX_FLOWS)
+            done = time.perf_counter()
+            if len(batch) != flows:
+                raise RuntimeError(f"evict() returned {len(batch)} flows, {flows} were put")
+            evict_s.append(drained - start)
+            encode_s.append(done - drained)
+            out_bytes = sum(len(m) for m in messages)
+            active = "flows_b" if active == "flows_a" else "flows_a"
+            del batch, messages
+    finally:
+        tracer.close()
+        program.close()
+    total = [e + c for e, c in zip(evict_s, encode_s)]
+    return {
+        "flows": flows,
+        "evict_ms": 1000 * statistics.median(evict_s),
+        "encode_ms": 1000 * statistics.median(encode_s),
+        "flows_per_s": flows / statistics.median(total),
+        "encoded_bytes": out_bytes,
+        "rss_start_mb": rss_start,
+        "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "target_flows_per_s": TARGET_FLOWS_PER_S,
+        "target_rss_mb": TARGET_RSS_MB,
+        "rounds": {"evict_s": evict_s, "encode_s": encode_s},
+    }
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run(quick: bool) -> dict:
+    """Measure in a fresh interpreter; returns its results."""
+    import ei_ebpf_agent
+
+    # The child imports the same ei_ebpf_agent as we do (installed, or the source tree).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(ei_ebpf_agent.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    argv = [sys.executable, os.path.abspath(__file__), "--rounds", "3" if quick else "7"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"userspace benchmark failed: {done.stderr.strip()}")
+    result = json.loads(done.stdout)
+    result["meets_flows_per_s"] = result["flows_per_s"] >= TARGET_FLOWS_PER_S
+    result["meets_rss"] = result["rss_peak_mb"] <= TARGET_RSS_MB
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.flows, args.rounds)))
+
+
+if __name__ == "__main__":
+    main()
