@@ -71,6 +71,8 @@ class Agent:
         self._lock = threading.Lock()  # guards the two dicts below (watcher thread vs main)
         self._attached: dict[int, tuple[str, list]] = {}  # if_index -> (name, attachments)
         self._names: dict[int, str] = {}  # every name seen, kept so late flows keep a name
+        self._start_error: AgentStartError | None = None  # first attach refusal at start
+        self._started = False
 
     def run(self) -> int:
         settings = self.settings
@@ -108,6 +110,10 @@ class Agent:
             )
             watcher.start()
             stack.callback(watcher.stop)
+            with self._lock:
+                self._started, start_error = True, self._start_error
+            if start_error is not None:
+                raise start_error  # e.g. no CAP_NET_ADMIN: one line, exit 1
             log.info("agent started: %d interfaces attached, agent IP %s, exporting to %s",
                      len(self._attached), agent_ip, settings.export)
             while not self._stop.wait(settings.cache_active_timeout):
@@ -150,6 +156,16 @@ class Agent:
                 attachments.append(
                     self._program.attach(if_index, direction, self.settings.tc_attach_mode)
                 )
+        except AgentStartError as error:
+            for attachment in attachments:
+                attachment.detach()
+            with self._lock:
+                at_start = not self._started
+                if at_start:
+                    self._start_error = self._start_error or error
+            if not at_start:
+                log.error("cannot attach to %s (index %d): %s", name, if_index, error)
+            return
         except OSError as error:
             # The interface may vanish while we attach; anything else is worth a warning.
             for attachment in attachments:
