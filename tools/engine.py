@@ -2,8 +2,9 @@
 """Find a working container engine (podman or docker); start Debian's dockerd if asked.
 
     python3 tools/engine.py                  # print the engine that works, exit 1 if none
-    python3 tools/engine.py --start-dockerd  # as root: start dockerd if it is installed
-                                             # but not running, then print the engine
+    python3 tools/engine.py --start-dockerd [--pid-file F]
+        # as root: start dockerd if it is installed but not running (its pid into F),
+        # then print the engine
 
 Used by tools/generate.py and tools/make_base_image.py (and the agent image build).
 The engine is chosen automatically (the first of podman, docker whose `info` works);
@@ -110,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--start-dockerd", action="store_true", help="start dockerd if installed but not running"
     )
+    parser.add_argument(
+        "--pid-file", type=Path, help="with --start-dockerd: write the pid of a dockerd it started"
+    )
     args = parser.parse_args(argv)
     try:
         if args.start_dockerd and (args.engine or os.environ.get("CONTAINER_ENGINE")) != "podman":
             pid = start_dockerd()
             if pid:
                 print(f"started dockerd (pid {pid})", file=sys.stderr)
+                if args.pid_file:
+                    args.pid_file.write_text(f"{pid}\n")
         print(find_engine(args.engine))
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
