@@ -7,7 +7,7 @@
 #   4. builds the pinned builder (Containerfile.builder) and runs `nox -s generate -- --check`
 #      in it: fails if pkg/ebpf is not exactly what the builder makes of bpf/;
 #   5. parses flake.nix (its stub evaluation is tests/unit/test_flake.py, in the test suite).
-# A dockerd it started is stopped at the end.
+# A dockerd it started is stopped at the end, unless containers still run in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive CONTAINER_ENGINE="${CONTAINER_ENGINE:-docker}"
@@ -28,7 +28,8 @@ pid_file=$(mktemp)
 stop_dockerd() {
     local pid
     pid=$(cat "$pid_file" 2>/dev/null || true)
-    if [[ -n "$pid" ]]; then
+    # Leave it running if something else is using it (a container still runs).
+    if [[ -n "$pid" && -z "$(docker ps -q 2>/dev/null)" ]]; then
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     fi
