@@ -1,0 +1,98 @@
+"""Which of the capabilities the agent needs the process lacks (read from /proc/self/status).
+
+The agent needs CAP_BPF (load programs, create maps), CAP_PERFMON (the verifier refuses the
+programs' pointer use without it) and CAP_NET_ADMIN (attach to interfaces). CAP_SYS_ADMIN
+stands in for CAP_BPF and CAP_PERFMON (the kernel accepts either; kernels before 5.8 know only
+CAP_SYS_ADMIN). CAP_SYS_RESOURCE is needed only where BPF memory is charged to
+RLIMIT_MEMLOCK (kernels before 5.11): libbpf raises the limit there, and leaves it alone
+where memory is charged to the cgroup.
+
+Used to name the missing capability in the one-line error when a load or attach is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+NAMES = {
+    CAP_NET_ADMIN: "CAP_NET_ADMIN",
+    CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+    CAP_SYS_RESOURCE: "CAP_SYS_RESOURCE",
+    CAP_PERFMON: "CAP_PERFMON",
+    CAP_BPF: "CAP_BPF",
+}
+
+
+def effective_capabilities(status_path: str = "/proc/self/status") -> int | None:
+    """The CapEff bit mask of this process, or None if it cannot be read."""
+    try:
+        with open(status_path) as file:
+            for line in file:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a kernel release string such as '6.18.44-foo' (this kernel's)."""
+    match = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def memlock_needs_raising(release: str | None = None) -> bool:
+    """True where BPF memory counts against RLIMIT_MEMLOCK (< 5.11) and it is not unlimited."""
+    if kernel_version(release) >= (5, 11):
+        return False
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return soft != resource.RLIM_INFINITY
+
+
+def missing_capabilities(effective: int | None = None, release: str | None = None,
+                         memlock_limited: bool | None = None) -> list[str]:
+    """Names of the capabilities the agent needs and does not have, in a stable order.
+
+    `effective` defaults to this process's CapEff; [] if it cannot be read (then the
+    kernel's own error is all there is to report).
+    """
+    caps = effective_capabilities() if effective is None else effective
+    if caps is None:
+        return []
+
+    def has(cap: int) -> bool:
+        return bool(caps >> cap & 1)
+
+    old_kernel = kernel_version(release) < (5, 8)  # no CAP_BPF / CAP_PERFMON yet
+    missing = []
+    if old_kernel:
+        if not has(CAP_SYS_ADMIN):
+            missing.append(NAMES[CAP_SYS_ADMIN])
+    else:
+        for cap in (CAP_BPF, CAP_PERFMON):
+            if not (has(cap) or has(CAP_SYS_ADMIN)):
+                missing.append(NAMES[cap])
+    if not has(CAP_NET_ADMIN):
+        missing.append(NAMES[CAP_NET_ADMIN])
+    if memlock_limited is None:
+        memlock_limited = memlock_needs_raising(release)
+    if memlock_limited and not has(CAP_SYS_RESOURCE):
+        missing.append(NAMES[CAP_SYS_RESOURCE])
+    return missing
+
+
+def missing_message() -> str:
+    """'missing capability CAP_BPF' (or '... capabilities A, B'), '' when none is missing."""
+    missing = missing_capabilities()
+    if not missing:
+        return ""
+    noun = "capability" if len(missing) == 1 else "capabilities"
+    return f"missing {noun} {', '.join(missing)}"
