@@ -45,20 +45,20 @@ CASES = (
 )
 
 
-def _hooks(topo):
-    """(namespace, ifindex, direction) of every hook the programs go on."""
-    return [(ns, ifindex, d) for ns, ifindex in ((topo.a, topo.ifindex_a), (topo.b, topo.ifindex_b))
-            for d in DIRECTIONS]
+def _hooks(topo, ends: str):
+    """(namespace, ifindex, direction) of ingress and egress of the veth ends "a", "b"."""
+    where = {"a": (topo.a, topo.ifindex_a), "b": (topo.b, topo.ifindex_b)}
+    return [(*where[end], d) for end in ends for d in DIRECTIONS]
 
 
-def attach_empty(topo, prog_fd: int) -> list[int]:
-    """TCX links of the empty program on every hook; close them to detach."""
+def attach_empty(topo, prog_fd: int, ends: str = "ab") -> list[int]:
+    """TCX links of the empty program on ingress and egress of `ends`; close them to detach."""
     return [ns.call(lambda i=ifindex, d=d: kbpf.tcx_attach(prog_fd, i, d == "egress"))
-            for ns, ifindex, d in _hooks(topo)]
+            for ns, ifindex, d in _hooks(topo, ends)]
 
 
-def attach_agent(topo, program: FlowProgram) -> None:
-    for ns, ifindex, d in _hooks(topo):
+def attach_agent(topo, program: FlowProgram, ends: str = "ab") -> None:
+    for ns, ifindex, d in _hooks(topo, ends):
         ns.call(lambda i=ifindex, d=d: program.attach(i, d, mode="tcx"))
 
 

@@ -101,7 +101,8 @@ def format_table(results: dict) -> str:
         name = f"datapath ({case['case']}) {case['title']}"
         rows += [
             (f"{name}: empty program (floor)", f"{case['empty_ns']:.0f} ns/pkt", "", ""),
-            (f"{name}: agent", f"{case['agent_ns']:.0f} ns/pkt",
+            (f"{name}: agent", f"{case['agent_ns']:.0f} ns/pkt (in {case['agent_ingress_ns']:.0f}"
+                               f", out {case['agent_egress_ns']:.0f})",
              f"<= {case['target_ns']:.0f} (NetObserv {case['netobserv_ns']})",
              _yes(case["meets"])),
             (f"{name}: agent - empty", f"{case['agent_minus_empty_ns']:.0f} ns/pkt", "", ""),
@@ -116,6 +117,8 @@ def format_table(results: dict) -> str:
             (f"{name}: empty program", f"{t['ratio_vs_none']['empty']:.3f}x", "", ""),
             (f"{name}: agent", f"{t['ratio_vs_none']['agent']:.3f}x",
              f">= {t['target_ratio']:.2f}x", _yes(t["meets"])),
+            (f"{name}: agent, both veth ends", f"{t['ratio_vs_none']['agent, both ends']:.3f}x",
+             "", ""),
         ]
     u = results.get("userspace")
     if u:

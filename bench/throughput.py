@@ -1,10 +1,15 @@
 """UDP packets/s through the A–B veth with no program, the empty program and the agent.
 
-The three configurations are interleaved in short slices (round 1: none, empty, agent;
-round 2: ...), so a load change on the machine hits all of them alike. Reported: the
-median packets/s of each, and the median over the rounds of each one's ratio to "none"
-in the same round (robust against other work on a small shared machine). trafgen runs
-at high priority (-H). Kernel BPF statistics are off here.
+A is the traced host: "empty" and "agent" are on ingress and egress of A's end, so each
+packet meets one program run (A's egress), as a packet leaving a host does. "agent, both
+ends" adds the agent on B's end too (two runs per packet, like traffic crossing a
+traced host's veth and its uplink); it has no target.
+
+The configurations are interleaved in short slices (round 1: each once; round 2: ...),
+so a load change on the machine hits all of them alike. Reported: the median packets/s
+of each, and the median over the rounds of each one's ratio to "none" in the same round
+(robust against other work on a small shared machine). trafgen runs at high priority
+(-H). Kernel BPF statistics are off here.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import traffic
 
 from ei_ebpf_agent.ebpf.loader import FlowProgram
 
-CONFIGS = ("none", "empty", "agent")
+CONFIGS = ("none", "empty", "agent", "agent, both ends")
 TARGET_RATIO = 0.88  # agent / none, from the issue
 
 
@@ -52,9 +57,11 @@ def _measure(topo, config: str, empty_fd: int, program: FlowProgram, receiver,
              seconds: float) -> float:
     links: list[int] = []
     if config == "empty":
-        links = datapath.attach_empty(topo, empty_fd)
+        links = datapath.attach_empty(topo, empty_fd, ends="a")
     elif config == "agent":
-        datapath.attach_agent(topo, program)
+        datapath.attach_agent(topo, program, ends="a")
+    elif config == "agent, both ends":
+        datapath.attach_agent(topo, program, ends="ab")
     try:
         time.sleep(0.1)  # let the rate settle after the attach
         return receiver.rate(seconds)
