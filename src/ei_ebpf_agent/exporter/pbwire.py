@@ -37,7 +37,7 @@ The nested messages are always present (possibly empty), addresses only for IP f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -264,21 +264,32 @@ def encode_entries(batch: FlowBatch) -> tuple[np.ndarray, np.ndarray]:
     Returns (data, lengths): `data` (uint8) is the concatenation of `0x0a <len> <Record>`
     for every row of the batch in order, `lengths[i]` the byte count of row i's part.
     """
-    rows = len(batch.records)
-    if rows == 0:
+    if len(batch.records) == 0:
         return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint64)
+    chunks = list(_chunks(batch, 0, len(batch.records)))
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def _context(batch: FlowBatch) -> tuple[_Interfaces, bytes]:
+    """What every chunk of a batch shares: interface names and the agent_ip field."""
     interfaces = _Interfaces(batch.records["if_index"], batch.interfaces)
     agent = b""
     if batch.agent_ip is not None:
         content = _ip_message(batch.agent_ip)
         agent = _key(12, _LEN) + _varint_bytes(len(content)) + content
-    chunks = [
-        _encode_chunk(batch, slice(start, start + CHUNK_ROWS), interfaces, agent)
-        for start in range(0, rows, CHUNK_ROWS)
-    ]
-    if len(chunks) == 1:
-        return chunks[0]
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    return interfaces, agent
+
+
+def _chunks(batch: FlowBatch, first: int, stop: int,
+            context: tuple[_Interfaces, bytes] | None = None
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encoded entries of rows [first, stop), CHUNK_ROWS at a time (bounded temporaries)."""
+    interfaces, agent = context or _context(batch)
+    for start in range(first, stop, CHUNK_ROWS):
+        yield _encode_chunk(batch, slice(start, min(start + CHUNK_ROWS, stop)), interfaces,
+                            agent)
 
 
 def _encode_chunk(
@@ -324,14 +335,19 @@ def _encode_chunk(
 
 
 def encode_batch(batch: FlowBatch, max_flows: int) -> list[bytes]:
-    """Serialized `pbflow.Records` messages of at most `max_flows` records each, in order."""
+    """Serialized `pbflow.Records` messages of at most `max_flows` records each, in order.
+
+    Each message is encoded on its own, so memory stays bounded by one message's worth
+    of temporaries whatever the batch size.
+    """
     if max_flows < 1:
         raise ValueError(f"max_flows must be at least 1, not {max_flows}")
-    data, lengths = encode_entries(batch)
-    ends = np.cumsum(lengths, dtype=np.int64)
-    starts = ends - lengths.astype(np.int64)
-    messages = []
-    for first in range(0, len(lengths), max_flows):
-        last = min(first + max_flows, len(lengths)) - 1
-        messages.append(data[int(starts[first]) : int(ends[last])].tobytes())
-    return messages
+    rows = len(batch.records)
+    if rows == 0:
+        return []
+    context = _context(batch)
+    return [
+        b"".join(data for data, _lengths in _chunks(batch, first, min(first + max_flows, rows),
+                                                     context))
+        for first in range(0, rows, max_flows)
+    ]

@@ -57,10 +57,10 @@ class FlowTracer:
         self._drain_chunk = drain_chunk
         self._active = "flows_a"  # the table the programs write to (loader set slot 0)
         self._evict_lock = threading.Lock()
-        # Drain buffers, allocated once: the kernel writes into them directly.
-        capacity = program.max_flows
-        self._keys = np.zeros(capacity, dtype=FLOW_KEY)
-        self._values = np.zeros(capacity, dtype=FLOW_VALUE)
+        # Drain buffers for one chunk, allocated once: the kernel writes into them directly,
+        # and each chunk is copied into the batch (memory does not double with the table).
+        self._keys = np.zeros(drain_chunk, dtype=FLOW_KEY)
+        self._values = np.zeros(drain_chunk, dtype=FLOW_VALUE)
         self._token = ctypes.create_string_buffer(_KEY_SIZE)  # opaque batch cursor
         self._batch_opts = libbpf.make_opts(libbpf.bpf_map_batch_opts)
 
@@ -135,15 +135,9 @@ class FlowTracer:
             new = "flows_b" if old == "flows_a" else "flows_a"
             self._program.set_active_table(new)  # returns when `old` is quiescent
             self._active = new
-            count = self._drain(self._program.map_fds[old])
+            records = self._drain(self._program.map_fds[old])
+            count = len(records)
             wall_offset_ns = time.time_ns() - time.monotonic_ns()  # ktime is CLOCK_MONOTONIC
-
-            records = np.empty(count, dtype=FLOW_RECORD)
-            raw = records.view(np.uint8).reshape(count, _RECORD_SIZE)
-            raw[:, :_KEY_SIZE] = self._keys[:count].view(np.uint8).reshape(count, _KEY_SIZE)
-            raw[:, _KEY_SIZE:] = self._values[:count].view(np.uint8).reshape(
-                count, _VALUE_SIZE
-            )
             ring = self._take_ring_records()
             if len(ring):
                 records = merge_by_key(_concat(records, ring))
@@ -162,34 +156,43 @@ class FlowTracer:
                 extra={"ringbuf_records": len(ring), "table_flows": count},
             )
 
-    def _drain(self, fd: int) -> int:
-        """Batch lookup-and-delete every entry of the map `fd` into the buffers; count."""
-        capacity = len(self._keys)
-        keys, values = self._keys.ctypes.data, self._values.ctypes.data
+    def _drain(self, fd: int) -> np.ndarray:
+        """Batch lookup-and-delete every entry of the map `fd`, as FLOW_RECORD rows."""
+        capacity = self._program.max_flows
+        # np.empty maps pages lazily: only the rows filled below become resident memory.
+        records = np.empty(capacity, dtype=FLOW_RECORD)
+        raw = records.view(np.uint8).reshape(capacity, _RECORD_SIZE)
         token = ctypes.addressof(self._token)
         count = ctypes.c_uint32()
         chunk = self._drain_chunk
         total = 0
         in_batch = None  # NULL: start from the beginning
-        while total < capacity:
+        done = False
+        while total < capacity and not done:
             count.value = min(chunk, capacity - total)
+            if len(self._keys) < count.value:
+                self._keys = np.zeros(count.value, dtype=FLOW_KEY)
+                self._values = np.zeros(count.value, dtype=FLOW_VALUE)
             try:
                 libbpf.bpf_map_lookup_and_delete_batch(
-                    fd, in_batch, token, keys + total * _KEY_SIZE, values + total * _VALUE_SIZE,
+                    fd, in_batch, token, self._keys.ctypes.data, self._values.ctypes.data,
                     ctypes.byref(count), ctypes.byref(self._batch_opts),
                 )
+                in_batch = token
             except LibbpfError as error:
                 if error.errno == errno.ENOENT:  # end of the map; `count` entries still came
-                    total += count.value
-                    break
-                if error.errno == errno.ENOSPC and chunk < capacity - total:
+                    done = True
+                elif error.errno == errno.ENOSPC and chunk < capacity - total:
                     chunk *= 2  # one hash bucket holds more entries than `count`
-                    total += count.value
-                    continue
-                raise
-            total += count.value
-            in_batch = token
-        return total
+                else:
+                    raise
+            n = count.value
+            raw[total:total + n, :_KEY_SIZE] = self._keys[:n].view(np.uint8).reshape(
+                n, _KEY_SIZE)
+            raw[total:total + n, _KEY_SIZE:] = self._values[:n].view(np.uint8).reshape(
+                n, _VALUE_SIZE)
+            total += n
+        return records[:total]
 
     def _read_kernel_counters(self) -> None:
         try:
