@@ -38,6 +38,11 @@ TEST_PACKAGES = {
     "bpftool": "bpftool",
     "trafgen": "netsniff-ng",
     "ping": "iputils-ping",
+    "cc": "gcc",  # reads libbpf's C headers to check the ctypes option structs
+    "tshark": "tshark",  # IPFIX: an independent decoder
+    "nfcapd": "nfdump",  # IPFIX: a real collector
+    "prometheus": "prometheus",  # a real server scrapes the agent's metrics
+    "openssl": "openssl",
 }
 BUILD_PACKAGES = {
     "clang-19": "clang-19",
