@@ -1,0 +1,229 @@
+"""What the running kernel offers the agent, probed once at start with tiny BPF objects.
+
+Each probe asks the kernel directly (a throw-away map or program, closed at once) rather
+than trusting the version number, because distributions backport BPF features:
+
+- ring buffer maps (BPF_MAP_TYPE_RINGBUF, Linux 5.8): required, the full-table fallback;
+- map-in-map (BPF_MAP_TYPE_ARRAY_OF_MAPS, Linux 4.12): required, the table swap;
+- batch lookup-and-delete on hash maps (Linux 5.6): required, the drain;
+- TCX links (BPF_LINK_CREATE with BPF_TCX_INGRESS, Linux 6.6): optional; without them
+  the agent attaches clsact tc filters.
+
+The TCX probe touches no interface: it asks for a TCX link on interface index 0, which a
+kernel that knows TCX refuses with ENODEV (no such device) and an older one with EINVAL
+(unknown attach type) before looking at the interface.
+
+Usage: `features = probe(); features.log_once(); features.check()` (check raises
+`MissingKernelFeature` whose message is one line naming the feature and kernel needed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import platform
+import struct
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from ei_ebpf_agent.ebpf import libbpf
+from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+
+log = logging.getLogger(__name__)
+
+# UAPI enum values (stable ABI)
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_SCHED_CLS = 3
+
+# feature -> (human name, first kernel version, required)
+FEATURES: dict[str, tuple[str, str, bool]] = {
+    "ringbuf": ("BPF ring buffer maps", "5.8", True),
+    "map_in_map": ("BPF map-in-map (ARRAY_OF_MAPS)", "4.12", True),
+    "batch_ops": ("batch lookup-and-delete on BPF hash maps", "5.6", True),
+    "tcx": ("TCX links", "6.6", False),
+}
+
+
+class MissingKernelFeature(RuntimeError):
+    """The kernel lacks a feature the agent needs; str() is one line saying which."""
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    kernel: str
+    ringbuf: bool
+    map_in_map: bool
+    batch_ops: bool
+    tcx: bool
+
+    @property
+    def attach_mode(self) -> str:
+        """"tcx" or "tc" (clsact filter): what the loader's "any" mode ends up using."""
+        return "tcx" if self.tcx else "tc"
+
+    def missing(self) -> list[str]:
+        """Names of the required features this kernel lacks."""
+        return [name for name, (_, _, required) in FEATURES.items()
+                if required and not getattr(self, name)]
+
+    def problem(self) -> str | None:
+        """None, or one line naming what is missing and the kernel version needed."""
+        missing = self.missing()
+        if not missing:
+            return None
+        needed = max((FEATURES[name][1] for name in missing), key=_version_key)
+        what = ", ".join(f"{FEATURES[name][0]} (Linux {FEATURES[name][1]})" for name in missing)
+        return (f"kernel {self.kernel} lacks {what}: the agent needs Linux {needed} or newer")
+
+    def check(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise MissingKernelFeature(problem)
+
+    def describe(self) -> str:
+        def word(flag: bool) -> str:
+            return "yes" if flag else "no"
+
+        mode = "TCX links" if self.tcx else "clsact tc filters (no TCX before Linux 6.6)"
+        return (f"kernel {self.kernel}: attaching with {mode}; ring buffer {word(self.ringbuf)}, "
+                f"map-in-map {word(self.map_in_map)}, batch ops {word(self.batch_ops)}")
+
+    def log_once(self) -> None:
+        if not _logged:
+            _logged.append(True)
+            log.info("%s", self.describe())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "attach_mode": self.attach_mode}
+
+
+_logged: list[bool] = []
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+# -- the probes ------------------------------------------------------------------------
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
+
+
+def _map_type_works(map_type: int) -> bool:
+    # libbpf picks sizes valid for the type (a page for a ring buffer, an inner map for
+    # map-in-map); 1 = supported, 0 = not, < 0 = it could not tell (e.g. EPERM).
+    return _lib["libbpf_probe_bpf_map_type"](map_type, None) == 1
+
+
+def probe_ringbuf() -> bool:
+    return _map_type_works(BPF_MAP_TYPE_RINGBUF)
+
+
+def probe_map_in_map() -> bool:
+    return _map_type_works(BPF_MAP_TYPE_ARRAY_OF_MAPS)
+
+
+def probe_batch_ops() -> bool:
+    """An empty hash map answers a batch lookup-and-delete with ENOENT where supported."""
+    fd = _lib["bpf_map_create"](BPF_MAP_TYPE_HASH, b"ei_probe", 4, 4, 1, None)
+    try:
+        keys, values = (ctypes.c_uint32 * 1)(), (ctypes.c_uint32 * 1)()
+        out_batch, count = ctypes.c_uint32(0), ctypes.c_uint32(1)
+        try:
+            libbpf.bpf_map_lookup_and_delete_batch(
+                fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count), None
+            )
+        except LibbpfError as error:
+            return error.errno == errno.ENOENT
+        return True
+    finally:
+        _close(fd)
+
+
+# r0 = -1 (TC_ACT_UNSPEC / TCX_NEXT); exit. struct bpf_insn: u8 code, u8 regs, s16 off, s32 imm
+_RETURN_MINUS_ONE = struct.pack("=BBhi", 0xB7, 0, 0, -1) + struct.pack("=BBhi", 0x95, 0, 0, 0)
+
+
+def probe_tcx() -> bool:
+    """Whether BPF_LINK_CREATE knows the TCX attach types (no interface is touched)."""
+    insns = ctypes.create_string_buffer(_RETURN_MINUS_ONE, len(_RETURN_MINUS_ONE))
+    prog = _lib["bpf_prog_load"](BPF_PROG_TYPE_SCHED_CLS, b"ei_probe", b"GPL", insns,
+                                len(_RETURN_MINUS_ONE) // 8, None)
+    try:
+        link = libbpf.bpf_link_create(prog, 0, libbpf.BPF_TCX_INGRESS, None)
+    except LibbpfError as error:
+        return error.errno == errno.ENODEV
+    else:  # cannot happen with index 0; never leave a link behind
+        _close(link)
+        return True
+    finally:
+        _close(prog)
+
+
+PROBES: dict[str, Callable[[], bool]] = {
+    "ringbuf": probe_ringbuf,
+    "map_in_map": probe_map_in_map,
+    "batch_ops": probe_batch_ops,
+    "tcx": probe_tcx,
+}
+
+
+def kernel_version_fallback(release: str) -> dict[str, bool]:
+    """Feature flags guessed from a `uname -r` string (used only when a probe errs)."""
+    numbers = []
+    for part in release.split("-")[0].split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        numbers.append(int(digits or 0))
+    version = tuple(numbers + [0] * (2 - len(numbers)))
+    return {name: version >= _version_key(FEATURES[name][1]) for name in FEATURES}
+
+
+def probe(release: str | None = None) -> KernelFeatures:
+    """Probe every feature. A probe that fails for another reason than "unsupported"
+    (no privileges, say) falls back to the kernel version, logged at debug level."""
+    release = release or platform.release()
+    guess = kernel_version_fallback(release)
+    found = {}
+    for name, function in PROBES.items():
+        try:
+            found[name] = function()
+        except (OSError, AttributeError) as error:
+            log.debug("probing %s failed (%s): assuming %s from kernel %s",
+                      name, error, guess[name], release)
+            found[name] = guess[name]
+    return KernelFeatures(kernel=release, **found)
+
+
+# libbpf >= 1.0 functions only the probes need, bound here (same error style as
+# libbpf.py: a negative errno raises LibbpfError).
+def _bind() -> dict[str, Callable]:
+    lib = ctypes.CDLL(libbpf._lib._name, use_errno=True)  # own handle: own argtypes
+    bound = {}
+    signatures = {
+        "libbpf_probe_bpf_map_type": ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int, None),
+        "bpf_map_create": (
+            [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+             ctypes.c_void_p], ctypes.c_int, libbpf._check_int,
+        ),
+        "bpf_prog_load": (
+            [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+             ctypes.c_void_p], ctypes.c_int, libbpf._check_int,
+        ),
+    }
+    for name, (argtypes, restype, errcheck) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+        if errcheck:
+            function.errcheck = errcheck
+        bound[name] = function
+    return bound
+
+
+_lib = _bind()
