@@ -105,8 +105,10 @@ def image(docker):
 def test_image_labels_and_contents(docker, image):
     config = json.loads(run([docker, "image", "inspect", image]).stdout)[0]["Config"]
     labels = config["Labels"]
-    head = run(["git", "-C", str(ROOT), "rev-parse", "HEAD"]).stdout.strip()
-    assert labels["org.opencontainers.image.revision"].startswith(head)
+    # The commit the image was built from (HEAD then; commits may have landed since).
+    revision = labels["org.opencontainers.image.revision"].removesuffix("-dirty")
+    assert len(revision) == 40, revision
+    run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", revision, "HEAD"])
     assert labels["org.opencontainers.image.version"] == "0.1.0"
     assert labels["org.opencontainers.image.title"] == "ei-ebpf-agent"
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
