@@ -3,7 +3,7 @@
 # suite (tests/integration/test_image.py, test_capabilities.py). Idempotent:
 #   1. installs what is missing: Debian's docker.io (dockerd, runc), debootstrap (the
 #      local base image), docker-registry (the registry `nox -s image -- --push` pushes to
-#      in the test), util-linux's setpriv;
+#      in the test), util-linux's setpriv, systemd's systemd-analyze (unit file check);
 #   2. starts dockerd if it is not running (tools/engine.py: no iptables, no bridge) and
 #      leaves it running for the tests;
 #   3. creates the local bookworm base (tools/make_base_image.py) unless it exists, since no
@@ -21,6 +21,7 @@ command -v runc >/dev/null || missing+=(runc)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v systemd-analyze >/dev/null || missing+=(systemd)  # verifies the unit file
 if ((${#missing[@]})); then
     step "installing ${missing[*]}"
     apt-get update -qq

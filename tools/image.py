@@ -175,7 +175,7 @@ def build(engine: str, img: str, base: tuple[str, str, str], platforms: list[str
             raise ImageError("a multi-arch build with docker needs buildx, which is not used "
                              "here: use podman or buildah for --platforms")
         env["DOCKER_BUILDKIT"] = "0"  # the classic builder resolves FROM <image id> locally
-        cmd = ["docker", "build", "--network", "host", "-t", img]
+        cmd = ["docker", "build", "--force-rm", "--network", "host", "-t", img]
     else:
         cmd = [engine, "build" if engine == "podman" else "bud", "--network", "host",
                "--layers"]

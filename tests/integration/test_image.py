@@ -214,8 +214,8 @@ class HolderTopology(Topology):
         run(["mount", "--bind", f"/proc/{self.pid}/ns/net", f"/run/netns/{ns.name}"])
         self.namespaces.append(ns)
         # docker disables IPv6 in a --network none namespace; the traffic mix needs it.
-        ns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0",
-                "net.ipv6.conf.default.disable_ipv6=0"])
+        ns.python("for c in ('all', 'default'):\n"
+                  "    open(f'/proc/sys/net/ipv6/conf/{c}/disable_ipv6', 'w').write('0')")
         ns.run(["ip", "link", "set", "lo", "up"])
 
 
