@@ -32,6 +32,7 @@ import numpy as np
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
 from ei_ebpf_agent.flow.record import AGENT_CONFIG, FLOW_KEY, FLOW_VALUE
+from ei_ebpf_agent.privileges import missing_message
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ def lockdown_mode(path: str = LOCKDOWN_PATH) -> str | None:
 
 def privileges_message(action: str) -> str:
     """One line saying what failed, which capabilities are needed, and lockdown if on."""
-    message = f"{action}: {MISSING_PRIVILEGES}"
+    missing = missing_message()  # e.g. "missing capability CAP_BPF"; "" when none is
+    message = (f"{action}: {missing} ({MISSING_PRIVILEGES})" if missing
+               else f"{action}: {MISSING_PRIVILEGES}")
     mode = lockdown_mode()
     if mode and mode != "none":
         message += f"; the kernel is locked down ({mode}), which can forbid BPF even to root"
