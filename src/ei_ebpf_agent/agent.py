@@ -15,6 +15,7 @@ import threading
 import time
 
 from ei_ebpf_agent.config import IPAddress, Settings
+from ei_ebpf_agent.ebpf.features import MissingKernelFeature, probe
 from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram
 from ei_ebpf_agent.exporter import Exporter
 from ei_ebpf_agent.flow.batch import FlowBatch
@@ -86,6 +87,7 @@ class Agent:
                     f"cannot serve metrics on {settings.metrics_server_address}:"
                     f"{settings.metrics_server_port}: {error.strerror or error}") from error
             stack.callback(metrics.close)
+            self._check_kernel()
             program = FlowProgram.load(
                 sampling=settings.sampling, max_flows=settings.cache_max_flows
             )
@@ -121,6 +123,19 @@ class Agent:
             log.info("stopping: detaching, final drain and export")
         log.info("agent stopped")
         return 0
+
+    def _check_kernel(self) -> None:
+        """Probe what the kernel offers once; one line if it lacks something needed."""
+        features = probe()
+        features.log_once()
+        try:
+            features.check()
+        except MissingKernelFeature as error:
+            raise AgentStartError(str(error)) from error
+        if self.settings.tc_attach_mode == "tcx" and not features.tcx:
+            raise AgentStartError(
+                f"TC_ATTACH_MODE=tcx: kernel {features.kernel} lacks TCX links (Linux 6.6 or "
+                "newer); use TC_ATTACH_MODE=any or tc")
 
     def _evict(self, tracer: FlowTracer) -> FlowBatch:
         start = time.monotonic()

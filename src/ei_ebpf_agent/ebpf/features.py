@@ -119,7 +119,13 @@ def _close(fd: int) -> None:
 def _map_type_works(map_type: int) -> bool:
     # libbpf picks sizes valid for the type (a page for a ring buffer, an inner map for
     # map-in-map); 1 = supported, 0 = not, < 0 = it could not tell (e.g. EPERM).
-    return _lib["libbpf_probe_bpf_map_type"](map_type, None) == 1
+    if _lib["libbpf_probe_bpf_map_type"](map_type, None) == 1:
+        return True
+    # libbpf 1.1 also answers 0 when the process may not create maps at all (no CAP_BPF,
+    # lockdown): make sure a plain hash map can be made, else the answer means nothing
+    # (this raises LibbpfError, and probe() falls back to the kernel version).
+    _close(_lib["bpf_map_create"](BPF_MAP_TYPE_HASH, b"ei_probe", 4, 4, 1, None))
+    return False
 
 
 def probe_ringbuf() -> bool:
