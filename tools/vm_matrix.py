@@ -139,7 +139,7 @@ def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> fl
              "--label", kernel.series, "--subset", args.subset, "--where", "vm",
              *args.pytest_args]
     command = [str(ensure_vng()), "--run", str(kernel.image), "--memory", args.memory,
-               "--cpus", str(args.cpus), "-v", f"--rwdir={out}", "--rodir=/mnt=/",
+               "--cpus", str(args.cpus), "-v", "--force-9p", f"--rwdir={out}", "--rodir=/mnt=/",
                "--exec", " ".join(guest)]
     if not kvm:
         command.insert(3, "--disable-kvm")

@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -72,16 +73,19 @@ def main() -> int:
     junit = out / "junit.xml"
     unmatched = out / "unmatched.txt"
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra",
+               f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"),
                "-o", "junit_family=xunit2", f"--junitxml={junit}"]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     if args.subset == "vm":
         command += ["-p", "vm_subset"]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
         env["EI_VM_UNMATCHED"] = str(unmatched)
-    command += args.pytest_args or ["tests/integration"]
+    command += args.pytest_args or [str(ROOT / "tests" / "integration")]
     print("guest: " + " ".join(command), flush=True)
     with open(out / "pytest.log", "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        # cwd: a writable directory (the guest's checkout is read-only, and tools such as
+        # trafgen drop temporary files in their working directory)
+        process = subprocess.Popen(command, cwd=tempfile.gettempdir(), env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
         for line in process.stdout:
