@@ -9,6 +9,7 @@ links from A to new namespaces can be added (and removed) while the agent runs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import json
 import os
@@ -317,6 +318,8 @@ def bpf_prog_query_count(ifindex: int, attach_type: int) -> int:
     rc = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(BPF_PROG_QUERY), attr, ctypes.c_uint(64))
     if rc != 0:
         err = ctypes.get_errno()
+        if err == errno.EINVAL and attach_type in (BPF_TCX_INGRESS, BPF_TCX_EGRESS):
+            return 0  # a kernel before 6.6 has no TCX: nothing can be attached there
         raise OSError(err, f"BPF_PROG_QUERY(ifindex={ifindex}, type={attach_type}): "
                       f"{os.strerror(err)}")
     return struct.unpack_from("=I", attr.raw, 24)[0]
