@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,20 @@ def probe_features() -> dict:
     return json.loads(done.stdout)
 
 
+def failure_line(element: ET.Element) -> str:
+    """One line saying why: the message, or the exception a quoted traceback ends with."""
+    def lines(text: str | None) -> list[str]:
+        return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+    first = (lines(element.get("message")) or lines(element.text) or [""])[0]
+    if "Traceback" in first:  # a subprocess's traceback quoted in an assertion
+        errors = [line for line in lines(element.text)
+                  if re.match(r"^(E\s+)?[\w.]*(Error|Exception): ", line)]
+        if errors:
+            return errors[-1].removeprefix("E").strip()[:400]
+    return first[:400]
+
+
 def junit_counts(path: Path) -> tuple[dict, list[dict]]:
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     failures = []
@@ -45,10 +60,9 @@ def junit_counts(path: Path) -> tuple[dict, list[dict]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "errors"}.get(child.tag, "skipped")
-                message = (child.get("message") or child.text or "").strip().splitlines()
                 if outcome != "skipped":
                     failures.append({"test": name, "outcome": outcome,
-                                     "message": (message or [""])[0][:400]})
+                                     "message": failure_line(child)})
                 break
         counts[outcome] += 1
     return counts, failures
