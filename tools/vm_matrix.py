@@ -137,6 +137,7 @@ def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> fl
     kvm = kvm_usable(kernel, args.kvm)
     guest = [str(ROOT / "tests/vm/guest.sh"), sys.executable, str(out), *python_binds(), "--",
              "--label", kernel.series, "--subset", args.subset, "--where", "vm",
+             *(["--strict-skips"] if os.environ.get("EI_STRICT_SKIPS") == "1" else []),
              *args.pytest_args]
     command = [str(ensure_vng()), "--run", str(kernel.image), "--memory", args.memory,
                "--cpus", str(args.cpus), "-v", "--force-9p", f"--rwdir={out}", "--rodir=/mnt=/",

@@ -330,7 +330,7 @@ def trafgen_udp(link: Link, count: int = 1000, payload_len: int = 300, sport: in
         cfg.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
     done = link.local_ns.run(["trafgen", "-o", link.local_name, "-i", cfg.name, "-n", str(count),
                               "-q", "-P", "1", "-C", "-Q"], check=False,
-                             timeout=timeout)
+                             timeout=timeout, cwd=tempfile.gettempdir())  # it drops files in cwd
     if done.returncode != 0:
         raise TrafficError(f"trafgen failed ({done.returncode}): {done.stderr.strip()}")
     exp = _endpoints(link)

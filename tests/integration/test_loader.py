@@ -9,6 +9,7 @@ on the state left in A. The namespaces are deleted afterwards.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -93,7 +94,9 @@ def scenario_counts(args: dict) -> dict:
             modes = [program.attach(if_index, d, args["mode"]).mode
                      for d in ("ingress", "egress")]
         except LibbpfError as error:
-            return {"skip": f"cannot attach with mode {args['mode']}: {error}"}
+            if args["mode"] == "tcx" and error.errno == errno.EINVAL:
+                return {"skip": f"kernel lacks TCX (Linux 6.6): {error}"}
+            raise
         tracer = FlowTracer(program, interfaces_lookup=lambda: {if_index: A_DEV},
                             agent_ip=ipaddress.ip_address(A_IP))
         out_sent = _send_udp(args["out_count"], args["out_payload"], (A_IP, 40001),

@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--label", default=platform.release())
     parser.add_argument("--subset", choices=("vm", "all"), default="vm")
     parser.add_argument("--where", default="vm", help="vm or host (recorded)")
+    parser.add_argument("--strict-skips", action="store_true",
+                        help="a skip fails the run (EI_STRICT_SKIPS=1, as in CI)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
     args = parser.parse_args()
     out: Path = args.out
@@ -90,6 +92,8 @@ def main() -> int:
                f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"),
                "-o", "junit_family=xunit2", f"--junitxml={junit}"]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    if args.strict_skips:  # virtme-ng does not pass the host's environment to the guest
+        env["EI_STRICT_SKIPS"] = "1"
     if args.subset == "vm":
         command += ["-p", "vm_subset"]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
