@@ -119,7 +119,10 @@ class Agent:
             log.info("agent started: %d interfaces attached, agent IP %s, exporting to %s",
                      len(self._attached), agent_ip, settings.export)
             while not self._stop.wait(settings.cache_active_timeout):
-                self._export(self._evict(tracer), exporter)
+                try:
+                    self._export(self._evict(tracer), exporter)
+                except Exception:  # noqa: BLE001 - one bad period must not stop the agent
+                    log.exception("eviction failed; flows stay in the kernel for the next one")
             log.info("stopping: detaching, final drain and export")
         log.info("agent stopped")
         return 0
