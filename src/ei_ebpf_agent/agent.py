@@ -122,7 +122,7 @@ class Agent:
                 try:
                     self._export(self._evict(tracer), exporter)
                 except Exception:  # noqa: BLE001 - one bad period must not stop the agent
-                    log.exception("eviction failed; flows stay in the kernel for the next one")
+                    log.exception("eviction failed; retrying at the next period")
             log.info("stopping: detaching, final drain and export")
         log.info("agent stopped")
         return 0
