@@ -195,7 +195,9 @@ def test_a_full_queue_drops_and_counts_batches_and_close_never_hangs():
     assert exporter.dropped_by_reason == {"queue_full": 6}
     start = time.monotonic()
     exporter.close(0.5)
-    assert time.monotonic() - start < 3
+    # close(timeout) gives up on the unreachable collector instead of retrying forever
+    # (the contract, not a speed: ample slack over the 0.5 s asked for)
+    assert time.monotonic() - start < 10
     assert exporter.dropped_by_reason == {"queue_full": 6, "closed": 1 + 3 + 3}
     assert exporter.dropped_batches_by_reason == {"queue_full": 2, "closed": 3}
     assert exporter.dropped_flows == 13 and exporter.dropped_batches == 5

@@ -145,6 +145,7 @@ class GrpcExporter:
         self.dropped_flows = 0
         self.dropped_batches = 0
         self.dropped_by_reason: dict[str, int] = {}
+        self.dropped_batches_by_reason: dict[str, int] = {}  # reason -> batches, for metrics
 
         options = [
             # The channel reconnects by itself; keep its pace close to ours.
@@ -316,6 +317,8 @@ class GrpcExporter:
             self.dropped_flows += flows
             self.dropped_batches += 1
             self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + flows
+            self.dropped_batches_by_reason[reason] = (
+                self.dropped_batches_by_reason.get(reason, 0) + 1)
         item.sent = len(item.messages)
 
 
