@@ -85,6 +85,10 @@ def _varint_tables(prefix: bytes, skip_zero: bool) -> tuple[np.ndarray, np.ndarr
         _TABLES[key] = head, used
     return _TABLES[key]
 
+_USED_BYTES = np.array(
+    [((1 << (8 * n)) - 1) & 0x0101010101010101 for n in range(9)], dtype="<u8"
+)  # little-endian like the words: byte k of entry n is 1 when k < n
+
 
 def _varint_bytes(value: int) -> bytes:
     out = bytearray()
@@ -212,23 +216,15 @@ class _Pieces:
     def bytes(self) -> np.ndarray:
         """The used bytes of every row, rows one after the other."""
         words = np.empty((self.rows, len(self.words)), dtype="<u8")
-        used = np.empty((self.rows, len(self.words)), dtype=np.intp)
+        used = np.empty((self.rows, len(self.words)), dtype=np.uint8)
         for column, (word, count) in enumerate(zip(self.words, self.used)):
             words[:, column] = word
             used[:, column] = count
-        # Each word is stored whole (8 bytes, unaligned) at its output offset, in output
-        # order: the next word starts where this one's used bytes end, so it overwrites
-        # this one's unused tail (a 1-D index assigns in index order). Far cheaper than
-        # masking out the unused bytes (np.compress of rows * words * 8 bytes): one
-        # store per word, not per byte. `out` has 8 spare bytes for the last word.
-        ends = np.cumsum(used.ravel())
-        size = int(ends[-1]) if len(ends) else 0
-        starts = ends
-        starts -= used.ravel()
-        out = np.empty(size + 8, dtype=np.uint8)
-        at = np.ndarray((size + 1,), dtype="<u8", buffer=out, strides=(1,))
-        at[starts] = words.ravel()
-        return out[:size]
+        # Keep the used bytes of each word: take + compress is ~2.5x faster than fancy and
+        # boolean indexing. (Storing whole words at overlapping offsets would be faster
+        # still, but numpy does not define the order of overlapping index assignments.)
+        keep = _USED_BYTES.take(used).view(bool).ravel()
+        return np.compress(keep, words.view(np.uint8).ravel())
 
 
 def _timestamp(ns: np.ndarray, offset_ns: int) -> _Pieces:
