@@ -85,6 +85,7 @@ def _varint_tables(prefix: bytes, skip_zero: bool) -> tuple[np.ndarray, np.ndarr
         _TABLES[key] = head, used
     return _TABLES[key]
 
+
 _USED_BYTES = np.array(
     [((1 << (8 * n)) - 1) & 0x0101010101010101 for n in range(9)], dtype="<u8"
 )  # little-endian like the words: byte k of entry n is 1 when k < n
