@@ -15,15 +15,13 @@ A Collector:
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import tempfile
 import time
 from typing import IO
 
 from .agent import agent_base_env, agent_command
-from .netns import Namespace
+from .netns import Namespace, terminate_group
 from .truth import canonical_addr
 
 
@@ -155,10 +153,4 @@ class GrpcCollector(Collector):
         return parse_json_lines(text, "gRPC collector stdout")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate_group(self.proc)

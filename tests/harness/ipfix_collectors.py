@@ -24,7 +24,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Callable
 
 from .collectors import Collector, normalize
+from .netns import terminate_group
 
 TSHARK_PORT = 4739  # the IANA IPFIX port; only a label inside the pcap
 _ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
@@ -247,13 +247,7 @@ class Nfcapd:
 
     def stop(self) -> None:
         """SIGTERM: nfcapd writes its last file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate_group(self.proc)
 
     def cleanup(self) -> None:
         self.stop()

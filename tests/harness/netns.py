@@ -13,6 +13,7 @@ import errno
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,18 @@ T = TypeVar("T")
 
 class NetnsError(RuntimeError):
     pass
+
+
+def terminate_group(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """SIGTERM a process started with its own session (and its children), SIGKILL if stuck."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
 
 
 def run(argv: Sequence[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
