@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ei_ebpf_agent import __version__
+from ei_ebpf_agent.config import Settings
 
 DEFAULT_PREFIX = "ebpf_agent_"
 # Evictions swap maps (an RCU grace period, ~10 ms) then drain and decode: ms to seconds.
@@ -61,16 +62,14 @@ class Metrics:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_settings(cls, settings: object) -> Metrics:
+    def from_settings(cls, settings: Settings) -> Metrics:
         """Metrics for the agent; the HTTP server is started only when METRICS_ENABLE."""
-        metrics = cls(getattr(settings, "metrics_prefix", DEFAULT_PREFIX))
-        metrics.sampling_rate.set(max(int(getattr(settings, "sampling", 0)), 1))
-        if getattr(settings, "metrics_enable", False):
+        metrics = cls(settings.metrics_prefix)
+        metrics.sampling_rate.set(max(settings.sampling, 1))
+        if settings.metrics_enable:
             metrics.start_server(
-                getattr(settings, "metrics_server_address", "0.0.0.0"),
-                int(getattr(settings, "metrics_server_port", 9090)),
-                getattr(settings, "metrics_tls_cert_path", None),
-                getattr(settings, "metrics_tls_key_path", None))
+                settings.metrics_server_address, settings.metrics_server_port,
+                settings.metrics_tls_cert_path, settings.metrics_tls_key_path)
         return metrics
 
     # --- what the agent calls -------------------------------------------------------

@@ -17,6 +17,7 @@ from harness.ipfix_collectors import (
     tshark_template_messages,
 )
 
+from ei_ebpf_agent.config import Settings
 from ei_ebpf_agent.exporter.ipfix import IpfixExporter, IpfixOptions
 
 needs_tshark = pytest.mark.skipif(tools_missing("tshark") is not None,
@@ -213,17 +214,10 @@ def test_an_unresolvable_collector_never_raises():
 
 
 def test_options_follow_settings_and_pick_the_transport_from_export():
-    class S:
-        export = "ipfix+tcp"
-        target_host = "collector"
-        target_port = 4739
-        buffers_length = 7
-        ipfix_observation_domain_id = 9
-        ipfix_max_message_size = 0
-        ipfix_template_refresh_interval = 30.0
-        ipfix_template_refresh_messages = 0
-
-    options = IpfixOptions.from_settings(S())
+    options = IpfixOptions.from_settings(Settings(
+        export="ipfix+tcp", target_host="collector", target_port=4739, buffers_length=7,
+        ipfix_observation_domain_id=9, ipfix_max_message_size=0,
+        ipfix_template_refresh_interval=30.0, ipfix_template_refresh_messages=0))
     assert (options.transport, options.host, options.port, options.queue_length,
             options.observation_domain_id, options.message_size) == \
         ("tcp", "collector", 4739, 7, 9, 65535)

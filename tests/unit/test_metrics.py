@@ -15,6 +15,7 @@ from harness.ipfix_collectors import MessageReceiver, synthetic_batch
 from prometheus_client.parser import text_string_to_metric_families
 
 from ei_ebpf_agent import __version__
+from ei_ebpf_agent.config import Settings
 from ei_ebpf_agent.exporter.ipfix import IpfixExporter, IpfixOptions
 from ei_ebpf_agent.metrics import Metrics
 
@@ -151,22 +152,13 @@ def test_two_agents_in_one_process_do_not_share_metrics():
 
 
 def test_from_settings_serves_only_when_enabled():
-    class Off:
-        metrics_enable = False
-        sampling = 0
-
-    m = Metrics.from_settings(Off())
+    m = Metrics.from_settings(Settings(metrics_enable=False, sampling=0))
     assert m.port is None
     assert m.registry.get_sample_value("ebpf_agent_sampling_rate") == 1
 
-    class On:
-        metrics_enable = True
-        metrics_server_address = "127.0.0.1"
-        metrics_server_port = 0
-        metrics_prefix = "on_"
-        sampling = 10
-
-    m = Metrics.from_settings(On())
+    m = Metrics.from_settings(Settings(
+        metrics_enable=True, metrics_server_address="127.0.0.1", metrics_server_port=0,
+        metrics_prefix="on_", sampling=10))
     try:
         assert scrape(url(m))[("on_sampling_rate", frozenset())] == 10
     finally:

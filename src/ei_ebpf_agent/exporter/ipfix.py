@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ei_ebpf_agent.config import Settings
 from ei_ebpf_agent.exporter.ipfix_encode import MAX_MESSAGE_LEN, IpfixEncoder
 from ei_ebpf_agent.flow.batch import FlowBatch
 
@@ -63,23 +64,17 @@ class IpfixOptions:
         return DEFAULT_UDP_MESSAGE_SIZE if self.transport == "udp" else MAX_MESSAGE_LEN
 
     @classmethod
-    def from_settings(cls, settings: object) -> IpfixOptions:
+    def from_settings(cls, settings: Settings) -> IpfixOptions:
         """Options from Settings (EXPORT=ipfix+udp|ipfix+tcp, TARGET_*, IPFIX_*, BUFFERS_LENGTH)."""
-        def get(name: str, default: object) -> object:
-            return getattr(settings, name, default)
-
-        export = str(get("export", "ipfix+udp"))
         return cls(
-            host=str(get("target_host", "")),
-            port=int(get("target_port", 0)),  # type: ignore[arg-type]
-            transport=export.split("+", 1)[1] if "+" in export else "udp",
-            observation_domain_id=int(get("ipfix_observation_domain_id", 1)),  # type: ignore
-            max_message_size=int(get("ipfix_max_message_size", 0)),  # type: ignore
-            template_refresh_interval=float(
-                get("ipfix_template_refresh_interval", 60.0)),  # type: ignore
-            template_refresh_messages=int(
-                get("ipfix_template_refresh_messages", 1000)),  # type: ignore
-            queue_length=int(get("buffers_length", 50)),  # type: ignore
+            host=settings.target_host or "",
+            port=settings.target_port or 0,
+            transport=settings.export.split("+", 1)[1] if "+" in settings.export else "udp",
+            observation_domain_id=settings.ipfix_observation_domain_id,
+            max_message_size=settings.ipfix_max_message_size,
+            template_refresh_interval=settings.ipfix_template_refresh_interval,
+            template_refresh_messages=settings.ipfix_template_refresh_messages,
+            queue_length=settings.buffers_length,
         )
 
 
