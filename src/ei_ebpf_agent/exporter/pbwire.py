@@ -300,20 +300,6 @@ class _Interfaces:
             out.piece(self.words[which, k], self.used[which, k], most)
 
 
-def encode_entries(batch: FlowBatch) -> tuple[np.ndarray, np.ndarray]:
-    """Every flow as a `Records.entries` element.
-
-    Returns (data, lengths): `data` (uint8) is the concatenation of `0x0a <len> <Record>`
-    for every row of the batch in order, `lengths[i]` the byte count of row i's part.
-    """
-    if len(batch.records) == 0:
-        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint64)
-    chunks = list(_chunks(batch, 0, len(batch.records)))
-    if len(chunks) == 1:
-        return chunks[0]
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-
-
 def _context(batch: FlowBatch) -> tuple[_Interfaces, bytes]:
     """What every chunk of a batch shares: interface names and the agent_ip field."""
     interfaces = _Interfaces(batch.records["if_index"], batch.interfaces)
