@@ -104,26 +104,6 @@ class Metrics:
                 return value() if callable(value) else value
             self.watch_queue("export", length)
 
-    def exported(self, exporter: str, flows: int, batches: int = 1) -> None:
-        """For an exporter without counters of its own: flows and batches delivered."""
-        pushed = self._exports.pushed(exporter)
-        with self._exports._lock:
-            pushed.exported_flows += flows
-            pushed.exported_batches += batches
-
-    def export_error(self, exporter: str) -> None:
-        pushed = self._exports.pushed(exporter)
-        with self._exports._lock:
-            pushed.export_errors += 1
-
-    def dropped(self, exporter: str, reason: str, flows: int, batches: int = 1) -> None:
-        """Flows lost before reaching a collector (e.g. reason queue_full)."""
-        pushed = self._exports.pushed(exporter)
-        with self._exports._lock:
-            pushed.dropped_by_reason[reason] = pushed.dropped_by_reason.get(reason, 0) + flows
-            pushed.dropped_batches_by_reason[reason] = (
-                pushed.dropped_batches_by_reason.get(reason, 0) + batches)
-
     # --- HTTP server ------------------------------------------------------------------
 
     def start_server(self, address: str = "0.0.0.0", port: int = 9090,
@@ -163,24 +143,16 @@ def _int(obj: object, name: str) -> int:
 
 
 class _ExportCollector(Collector):
-    """Per-exporter counters: read from watched exporters' attributes, plus pushed ones."""
+    """Per-exporter counters, read from the watched exporters' attributes at scrape time."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._lock = threading.Lock()
         self._watched: list[tuple[str, object]] = []
-        self._pushed: dict[str, _Pushed] = {}
 
     def watch(self, name: str, exporter: object) -> None:
         with self._lock:
             self._watched.append((name, exporter))
-
-    def pushed(self, name: str) -> _Pushed:
-        with self._lock:
-            if name not in self._pushed:
-                self._pushed[name] = _Pushed()
-                self._watched.append((name, self._pushed[name]))
-            return self._pushed[name]
 
     def collect(self):
         p = self._prefix
@@ -230,17 +202,6 @@ class _ExportCollector(Collector):
         return [CounterMetricFamily(p + n, "", labels=["exporter"])
                 for n in ("exported_flows", "exported_batches", "export_errors",
                           "dropped_flows", "dropped_batches")]
-
-
-class _Pushed:
-    """Counters for an exporter that reports through Metrics.exported()/dropped()."""
-
-    def __init__(self) -> None:
-        self.exported_flows = 0
-        self.exported_batches = 0
-        self.export_errors = 0
-        self.dropped_by_reason: dict[str, int] = {}
-        self.dropped_batches_by_reason: dict[str, int] = {}
 
 
 class _TracerCollector(Collector):

@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import time
+import types
 import urllib.request
 
 import pytest
@@ -94,6 +95,10 @@ def test_interfaces_queues_sampling_and_build_info(metrics):
     assert len(info) == 1 and ("version", __version__) in info[0]
 
 
+class Counters(types.SimpleNamespace):
+    """An exporter as watch_exporter sees it: only its counter attributes."""
+
+
 def test_exporter_counters_are_read_at_scrape_time(metrics):
     receiver = MessageReceiver("tcp")
     exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, "tcp", queue_length=1))
@@ -105,9 +110,9 @@ def test_exporter_counters_are_read_at_scrape_time(metrics):
         exporter.export(batch)  # after close: dropped, reason closed
     finally:
         receiver.stop()
-    metrics.exported("grpc", flows=7, batches=2)  # an exporter without counters of its own
-    metrics.dropped("grpc", "queue_full", flows=4)
-    metrics.export_error("grpc")
+    metrics.watch_exporter(Counters(exported_flows=7, exported_batches=2, export_errors=1,
+                                    dropped_by_reason={"queue_full": 4},
+                                    dropped_batches_by_reason={"queue_full": 1}), "grpc")
     got = scrape(url(metrics))
     ipfix = frozenset({("exporter", "ipfix+tcp")})
     assert got[("test_agent_exported_flows_total", ipfix)] == 5

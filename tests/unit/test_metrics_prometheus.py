@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import types
 import urllib.parse
 import urllib.request
 
@@ -37,7 +38,7 @@ def test_prometheus_scrapes_the_agent_and_a_query_returns_its_series(tmp_path):
     metrics = Metrics()
     metrics.start_server("127.0.0.1", 0)
     metrics.observe_eviction(0.05)
-    metrics.exported("ipfix+udp", flows=42)
+    metrics.watch_exporter(types.SimpleNamespace(exported_flows=42), "ipfix+udp")
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n"
