@@ -52,6 +52,24 @@ _Static_assert(sizeof(struct flow_value) == 64, "flow_value must fit one cache l
 #define FLOW_FLAG_FIN_ACK 0x200
 #define FLOW_FLAG_RST_ACK 0x400
 
+/* One slot of a flow table (a BPF array used as an open-addressing hash table with
+ * linear probing). Two cache lines: state and key in the first, the value alone in the
+ * second. Userspace zeroes a slot when it drains it; the kernel fills an EMPTY slot
+ * under a spin lock (key first, then state = SLOT_READY) and never empties one. */
+struct flow_slot {
+	__u32 state; /* SLOT_* */
+	__u32 _pad0;
+	struct flow_key key;
+	__u8 _pad1[8];
+	struct flow_value value;
+};
+_Static_assert(sizeof(struct flow_slot) == 128, "flow_slot must be two cache lines");
+_Static_assert(__builtin_offsetof(struct flow_slot, value) == 64,
+	       "flow_value must start a cache line of its slot");
+
+#define SLOT_EMPTY 0
+#define SLOT_READY 1
+
 /* A packet that found the flow table full: sent through the ring buffer. */
 struct flow_record {
 	struct flow_key key;
@@ -61,10 +79,13 @@ _Static_assert(sizeof(struct flow_record) == 112, "flow_record must be 112 bytes
 
 /* Load-time configuration: the only member of .rodata, set by the loader. */
 struct agent_config {
-	__u32 sampling; /* 0 or 1: every packet; N: one packet in N on average */
+	__u32 sampling;     /* 0 or 1: every packet; N: one packet in N on average */
+	__u32 coarse_clock; /* 1: bpf_ktime_get_coarse_ns (Linux 5.11+), 0: bpf_ktime_get_ns */
+	__u32 table_slots;  /* max_entries of flows_a and flows_b */
 	__u32 _pad0;
+	__u64 hash_seed; /* random, so that nobody can choose keys that collide */
 };
-_Static_assert(sizeof(struct agent_config) == 8, "agent_config must be 8 bytes");
+_Static_assert(sizeof(struct agent_config) == 24, "agent_config must be 24 bytes");
 
 /* Indexes of the per-CPU `counters` array. */
 enum agent_counter {

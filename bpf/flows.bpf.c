@@ -1,16 +1,23 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
  * TC classifier that aggregates every packet of a selected interface into a flow
- * table (see docs/DESIGN.md §3). Only UAPI headers: no vmlinux.h, no CO-RE, so the
+ * table (see docs/architecture.md). Only UAPI headers: no vmlinux.h, no CO-RE, so the
  * object loads with libbpf >= 1.1 on kernels 5.10 and later, with or without kernel
- * BTF. Kernel features used: ringbuf (5.8), bounded loops (5.3), JMP32/ALU32 (-mcpu=v3,
- * 5.1), plain atomic add (XADD). Not used: atomic fetch/or/cmpxchg (5.12), bpf_loop,
- * kfuncs.
+ * BTF. Kernel features used: ringbuf (5.8), mmapable arrays (5.5), bpf_spin_lock (5.1),
+ * bounded loops (5.3), JMP32/ALU32 (-mcpu=v3, 5.1), plain atomic add (XADD), and
+ * bpf_ktime_get_coarse_ns (5.11) only when the loader says the kernel has it. Not used:
+ * atomic fetch/or/cmpxchg (5.12), bpf_loop, kfuncs.
  *
- * Every packet that reaches the program is counted exactly once: in the current inner
- * hash map (flows_outer[0]), or, when that map is full, as one flow_record in the ring
- * buffer; only when the ring buffer is full too is it lost, and then counted in
- * counters[COUNTER_RINGBUF_LOST].
+ * The flow table is a BPF array used as an open-addressing hash table: the flow key's
+ * hash picks a slot, and up to MAX_PROBES consecutive slots are tried. Unlike a BPF hash
+ * map, finding a flow costs no helper call and one random memory access (the slot's two
+ * adjacent cache lines), and adding a flow takes one spin lock instead of a bucket lock,
+ * a free-list pop and a list insertion.
+ *
+ * Every packet that reaches the program is counted exactly once: in the current table
+ * (flows_outer[0]), or, when MAX_PROBES slots in a row hold other flows, as one
+ * flow_record in the ring buffer; only when the ring buffer is full too is it lost, and
+ * then counted in counters[COUNTER_RINGBUF_LOST].
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -27,7 +34,9 @@
 #include "flow.h"
 
 /* Default table size; the loader sets flows_a/flows_b from CACHE_MAX_FLOWS. */
-#define FLOW_TABLE_ENTRIES 5000
+#define FLOW_TABLE_SLOTS 10000
+#define MAX_PROBES 16 /* slots tried per packet before the ring buffer takes it */
+#define LOCK_STRIPES 1024
 #define RINGBUF_BYTES (1 << 20)
 
 #define MAX_VLAN_TAGS 2
@@ -41,23 +50,24 @@
 #define TCP_ACK 0x10
 
 /* Load-time configuration set by the loader: the whole .rodata section. */
-const volatile struct agent_config agent_config = {};
+const volatile struct agent_config agent_config = {.table_slots = FLOW_TABLE_SLOTS};
 
-/* One flow table. flows_a and flows_b must share type, key/value size and flags:
- * the kernel checks exactly these when userspace swaps one into flows_outer[0].
- * Preallocated (no BPF_F_NO_PREALLOC): cheaper per packet and per new flow. */
+/* One flow table: struct flow_slot entries, mmapped by userspace to drain them.
+ * flows_a and flows_b must share type, sizes and flags: the kernel checks exactly these
+ * (and, for arrays, max_entries) when userspace swaps one into flows_outer[0]. */
 struct flow_table {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FLOW_TABLE_ENTRIES);
-	__type(key, struct flow_key);
-	__type(value, struct flow_value);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOW_TABLE_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct flow_slot);
 };
 
 struct flow_table flows_a SEC(".maps");
 struct flow_table flows_b SEC(".maps");
 
 /* Slot 0 is the table the programs write to; userspace swaps it (lossless eviction).
- * Lookups in an ARRAY_OF_MAPS are inlined by the verifier. */
+ * Lookups in an ARRAY_OF_MAPS, and in the arrays inside it, are inlined by the verifier. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
 	__uint(max_entries, 1);
@@ -66,6 +76,19 @@ struct {
 } flows_outer SEC(".maps") = {
 	.values = {[0] = &flows_a},
 };
+
+/* Locks that serialise filling an empty slot; slot i uses lock i % LOCK_STRIPES.
+ * (A slot cannot hold its own lock: mmapable arrays may not contain a bpf_spin_lock.) */
+struct slot_lock {
+	struct bpf_spin_lock lock;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LOCK_STRIPES);
+	__type(key, __u32);
+	__type(value, struct slot_lock);
+} slot_locks SEC(".maps");
 
 /* Packets that found the table full: one struct flow_record each. */
 struct {
@@ -85,6 +108,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* What parsing found besides the key. */
 struct pkt_info {
+	__u64 len; /* skb->len */
 	__u32 ip_bytes;
 	__u16 tcp_flags;
 	__u8 dscp;
@@ -289,29 +313,113 @@ static __always_inline void count(__u32 index)
 		__sync_fetch_and_add(c, 1);
 }
 
-/*
- * Adds one packet to an existing flow. packets/bytes/ip_bytes use atomic adds (XADD,
- * result unused) so no increment is lost between CPUs. last_seen_ns is a plain store
- * (any CPU's recent time is right). tcp_flags is written only when the packet adds a
- * bit, without an atomic OR (5.12+, and only 32/64-bit): two CPUs adding different new
- * bits to one flow in the same instant may lose one of them; counts are unaffected.
- */
-static __always_inline void add_packet(struct flow_value *v, __u64 len, __u64 ip_bytes,
-				       __u64 now, __u16 tcp_flags)
+static __always_inline __u64 now_ns(void)
 {
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, len);
-	if (ip_bytes)
-		__sync_fetch_and_add(&v->ip_bytes, ip_bytes);
-	v->last_seen_ns = now;
-	if ((v->tcp_flags | tcp_flags) != v->tcp_flags)
-		v->tcp_flags |= tcp_flags;
+	/* The coarse clock (time of the last tick) costs a fraction of the exact one, whose
+	 * ordered TSC read also waits for the slot's cache miss. The verifier drops the
+	 * branch that agent_config (read-only, known at load) rules out, so a kernel
+	 * without the coarse helper (5.10) still accepts the program. */
+	if (agent_config.coarse_clock)
+		return bpf_ktime_get_coarse_ns();
+	return bpf_ktime_get_ns();
 }
 
 /*
- * Cold path, kept out of line: the table is full (or missing), so the packet goes to
- * userspace as one record. Also the function whose signature puts struct flow_record
- * into the object's BTF, where tests/unit/test_layout.py reads it.
+ * Adds one packet to a flow. packets/bytes/ip_bytes use atomic adds (XADD, result
+ * unused) so no increment is lost between CPUs. last_seen_ns is a plain store (any
+ * CPU's recent time is right). tcp_flags is written only when the packet adds a bit,
+ * without an atomic OR (5.12+, and only 32/64-bit): two CPUs adding different new bits
+ * to one flow in the same instant may lose one of them; counts are unaffected.
+ */
+static __always_inline void add_packet(struct flow_value *v, const struct pkt_info *info)
+{
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, info->len);
+	if (info->ip_bytes)
+		__sync_fetch_and_add(&v->ip_bytes, info->ip_bytes);
+	v->last_seen_ns = now_ns();
+	if ((v->tcp_flags | info->tcp_flags) != v->tcp_flags)
+		v->tcp_flags |= info->tcp_flags;
+}
+
+/* Multiply-xorshift over the key's six words, seeded at load time. */
+static __always_inline __u64 flow_hash(const struct flow_key *key)
+{
+	const __u64 *w = (const __u64 *)key;
+	__u64 h = agent_config.hash_seed;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < (int)(sizeof(*key) / 8); i++) {
+		h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL;
+		h ^= h >> 32;
+	}
+	h *= 0xff51afd7ed558ccdULL;
+	return h ^ (h >> 33);
+}
+
+static __always_inline int key_equal(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) |
+		(x[4] ^ y[4]) | (x[5] ^ y[5])) == 0;
+}
+
+/* A new flow's value without its counters (add_packet and the ring buffer path add
+ * those): first seen, sampling rate, DSCP, MACs. */
+static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buff *skb,
+					   const struct pkt_info *info, void *buf)
+{
+	const __u8 *eth = load_hdr(skb, 0, 2 * ETH_ALEN, buf);
+
+	__builtin_memset(v, 0, sizeof(*v));
+	v->first_seen_ns = now_ns();
+	v->sampling = agent_config.sampling;
+	v->dscp = info->dscp;
+	if (eth) {
+		__builtin_memcpy(v->dst_mac, eth, ETH_ALEN);
+		__builtin_memcpy(v->src_mac, eth + ETH_ALEN, ETH_ALEN);
+	}
+}
+
+/*
+ * Fills the empty slot `s` (index `idx`) with the flow `key`, under the slot's lock.
+ * Returns 1 when the slot now holds `key`: filled here, or just now by another CPU with
+ * the same flow; 0 when another CPU filled it with another flow. The state is stored
+ * last, so a CPU that sees SLOT_READY without taking the lock finds the key in place.
+ */
+static __always_inline int fill_slot(struct flow_slot *s, __u32 idx, const struct flow_key *key,
+				     const struct flow_value *init)
+{
+	__u32 stripe = idx % LOCK_STRIPES;
+	struct slot_lock *l = bpf_map_lookup_elem(&slot_locks, &stripe);
+	int mine;
+
+	if (!l)
+		return 0;
+	bpf_spin_lock(&l->lock);
+	if (s->state == SLOT_EMPTY) {
+		__builtin_memcpy(&s->key, key, sizeof(*key));
+		s->value.first_seen_ns = init->first_seen_ns;
+		s->value.sampling = init->sampling;
+		s->value.dscp = init->dscp;
+		__builtin_memcpy(s->value.src_mac, init->src_mac, ETH_ALEN);
+		__builtin_memcpy(s->value.dst_mac, init->dst_mac, ETH_ALEN);
+		asm volatile("" ::: "memory"); /* the compiler must not store the state earlier */
+		s->state = SLOT_READY;
+		mine = 1;
+	} else {
+		mine = key_equal(&s->key, key);
+	}
+	bpf_spin_unlock(&l->lock);
+	return mine;
+}
+
+/*
+ * Cold path, kept out of line: no slot was free around this flow's (or the table is
+ * missing), so the packet goes to userspace as one record. Also the function whose
+ * signature puts struct flow_record into the object's BTF (tests/unit/test_layout.py).
  */
 static __noinline void emit_record(struct flow_record *rec)
 {
@@ -326,13 +434,11 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 	struct flow_record rec; /* key always written in full; value only for new flows */
 	__u64 buf[5];           /* 40 bytes: the largest header read (IPv6) */
 	struct pkt_info info = {};
-	struct flow_value *v;
-	const __u8 *eth;
+	struct flow_slot *s;
 	void *table;
-	__u32 zero = 0;
+	__u32 zero = 0, slots = agent_config.table_slots, idx;
 	__u32 sampling = agent_config.sampling;
-	__u64 now, len;
-	long err;
+	int i, have_value = 0;
 
 	if (sampling > 1 && bpf_get_prandom_u32() % sampling != 0)
 		return TC_ACT_UNSPEC;
@@ -340,53 +446,47 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 	__builtin_memset(&rec.key, 0, sizeof(rec.key));
 	rec.key.if_index = skb->ifindex;
 	rec.key.direction = direction;
+	info.len = skb->len;
 	parse(skb, &rec.key, &info, buf);
 
-	now = bpf_ktime_get_ns();
-	len = skb->len;
 	table = bpf_map_lookup_elem(&flows_outer, &zero);
 	if (table) {
-		v = bpf_map_lookup_elem(table, &rec.key);
-		if (v) {
-			add_packet(v, len, info.ip_bytes, now, info.tcp_flags);
-			return TC_ACT_UNSPEC;
-		}
-	}
-
-	/* New flow: build the value once (every byte, padding included). */
-	rec.value.packets = 1;
-	rec.value.bytes = len;
-	rec.value.ip_bytes = info.ip_bytes;
-	rec.value.first_seen_ns = now;
-	rec.value.last_seen_ns = now;
-	rec.value.sampling = sampling;
-	rec.value.tcp_flags = info.tcp_flags;
-	rec.value.dscp = info.dscp;
-	rec.value._pad0 = 0;
-	*(__u32 *)rec.value._pad1 = 0;
-	eth = load_hdr(skb, 0, 2 * ETH_ALEN, buf);
-	if (eth) {
-		__builtin_memcpy(rec.value.dst_mac, eth, ETH_ALEN);
-		__builtin_memcpy(rec.value.src_mac, eth + ETH_ALEN, ETH_ALEN);
-	} else {
-		__builtin_memset(rec.value.src_mac, 0, ETH_ALEN);
-		__builtin_memset(rec.value.dst_mac, 0, ETH_ALEN);
-	}
-
-	if (table) {
-		err = bpf_map_update_elem(table, &rec.key, &rec.value, BPF_NOEXIST);
-		if (!err)
-			return TC_ACT_UNSPEC;
-		if (err == -EEXIST) {
-			/* Another CPU inserted the flow since our lookup: add to it. */
-			v = bpf_map_lookup_elem(table, &rec.key);
-			if (v) {
-				add_packet(v, len, info.ip_bytes, now, info.tcp_flags);
-				return TC_ACT_UNSPEC;
+		/* The hash's upper half scaled to [0, slots), without a division. */
+		idx = ((flow_hash(&rec.key) >> 32) * slots) >> 32;
+#pragma nounroll
+		for (i = 0; i < MAX_PROBES; i++) {
+			s = bpf_map_lookup_elem(table, &idx);
+			if (!s)
+				break;
+			if (*(volatile __u32 *)&s->state == SLOT_READY) {
+				if (key_equal(&s->key, &rec.key)) {
+					add_packet(&s->value, &info);
+					return TC_ACT_UNSPEC;
+				}
+			} else {
+				/* Slots are not emptied while their table is active: at the
+				 * first empty slot the flow is new. */
+				if (!have_value) {
+					new_flow_value(&rec.value, skb, &info, buf);
+					have_value = 1;
+				}
+				if (fill_slot(s, idx, &rec.key, &rec.value)) {
+					add_packet(&s->value, &info);
+					return TC_ACT_UNSPEC;
+				}
 			}
+			if (++idx >= slots)
+				idx = 0;
 		}
-		/* -E2BIG/-ENOMEM: table full. */
 	}
+
+	if (!have_value)
+		new_flow_value(&rec.value, skb, &info, buf);
+	rec.value.packets = 1;
+	rec.value.bytes = info.len;
+	rec.value.ip_bytes = info.ip_bytes;
+	rec.value.last_seen_ns = rec.value.first_seen_ns;
+	rec.value.tcp_flags = info.tcp_flags;
 	emit_record(&rec);
 	return TC_ACT_UNSPEC;
 }

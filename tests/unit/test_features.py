@@ -12,17 +12,17 @@ from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature
 
 
 def make(**flags: bool) -> KernelFeatures:
-    base = {"ringbuf": True, "map_in_map": True, "batch_ops": True, "tcx": True}
+    base = {"ringbuf": True, "map_in_map": True, "coarse_clock": True, "tcx": True}
     return KernelFeatures(kernel="5.4.0-1-amd64", **{**base, **flags})
 
 
 def test_version_fallback_reads_uname_strings() -> None:
     assert features.kernel_version_fallback("5.10.0-46-amd64") == {
-        "ringbuf": True, "map_in_map": True, "batch_ops": True, "tcx": False}
+        "ringbuf": True, "map_in_map": True, "coarse_clock": False, "tcx": False}
     assert features.kernel_version_fallback("6.12.57+deb13-amd64")["tcx"] is True
     assert features.kernel_version_fallback("6.6.0")["tcx"] is True
     assert features.kernel_version_fallback("5.7.19")["ringbuf"] is False
-    assert features.kernel_version_fallback("5.7.19")["batch_ops"] is True
+    assert features.kernel_version_fallback("5.11.0")["coarse_clock"] is True
 
 
 def test_attach_mode_follows_tcx() -> None:
@@ -37,14 +37,19 @@ def test_missing_tcx_is_not_a_problem() -> None:
 
 
 def test_one_line_names_what_is_missing_and_the_kernel_needed() -> None:
-    kernel = make(ringbuf=False, batch_ops=False)
+    kernel = make(ringbuf=False, map_in_map=False)
     with pytest.raises(MissingKernelFeature) as raised:
         kernel.check()
     message = str(raised.value)
     assert "\n" not in message
-    assert "ring buffer" in message and "batch lookup-and-delete" in message
+    assert "ring buffer" in message and "map-in-map" in message
     assert message.endswith("needs Linux 5.8 or newer")
-    assert kernel.missing() == ["ringbuf", "batch_ops"]
+    assert kernel.missing() == ["ringbuf", "map_in_map"]
+
+
+def test_missing_coarse_clock_is_not_a_problem() -> None:
+    make(coarse_clock=False).check()
+    assert make(coarse_clock=False).problem() is None
 
 
 def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture,
@@ -64,4 +69,4 @@ def test_a_probe_that_errs_falls_back_to_the_kernel_version(
 
     monkeypatch.setattr(features, "PROBES", {name: denied for name in features.PROBES})
     assert features.probe("6.1.0-56-amd64") == KernelFeatures(
-        kernel="6.1.0-56-amd64", ringbuf=True, map_in_map=True, batch_ops=True, tcx=False)
+        kernel="6.1.0-56-amd64", ringbuf=True, map_in_map=True, coarse_clock=True, tcx=False)

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ei_ebpf_agent.flow.record import AGENT_CONFIG, FLOW_KEY, FLOW_RECORD, FLOW_VALUE
+from ei_ebpf_agent.flow.record import (
+    AGENT_CONFIG,
+    FLOW_KEY,
+    FLOW_RECORD,
+    FLOW_SLOT,
+    FLOW_VALUE,
+)
 
 OBJECT_DIR = Path(__file__).resolve().parents[2] / "pkg" / "ebpf"
 OBJECTS = sorted(OBJECT_DIR.glob("flows_*.o"))
@@ -85,6 +91,7 @@ def test_both_byte_orders_are_committed() -> None:
         ("flow_key", FLOW_KEY),
         ("flow_value", FLOW_VALUE),
         ("flow_record", FLOW_RECORD),
+        ("flow_slot", FLOW_SLOT),
         ("agent_config", AGENT_CONFIG),
     ],
 )

@@ -15,7 +15,7 @@ libbpf = pytest.importorskip("ei_ebpf_agent.ebpf.libbpf", reason="system libbpf 
 # so the sizes must be equal too, or "prefix" when it mirrors the leading fields only)
 STRUCTS = {
     libbpf.bpf_object_open_opts: ("struct bpf_object_open_opts", "bpf/libbpf.h", "prefix"),
-    libbpf.bpf_map_batch_opts: ("struct bpf_map_batch_opts", "bpf/bpf.h", "all"),
+    libbpf.bpf_map_create_opts: ("struct bpf_map_create_opts", "bpf/bpf.h", "prefix"),
     libbpf.bpf_tc_hook: ("struct bpf_tc_hook", "bpf/libbpf.h", "all"),
     libbpf.bpf_tc_opts: ("struct bpf_tc_opts", "bpf/libbpf.h", "all"),
     libbpf.bpf_map_info: ("struct bpf_map_info", "linux/bpf.h", "prefix"),

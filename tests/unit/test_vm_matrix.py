@@ -33,7 +33,7 @@ def test_table_has_one_row_per_kernel_and_lists_failures() -> None:
     def entry(kernel: str, tcx: bool, ok: bool, accel: str) -> dict:
         return {"kernel": kernel, "package": f"linux-image-{kernel}", "accel": accel,
                 "wall_seconds": 300.4, "ok": ok, "attach_mode": "tcx" if tcx else "tc",
-                "features": {"ringbuf": True, "map_in_map": True, "batch_ops": True, "tcx": tcx},
+                "features": {"ringbuf": True, "map_in_map": True, "coarse_clock": True, "tcx": tcx},
                 "counts": {"passed": 15 if ok else 14, "failed": 0 if ok else 1},
                 "failures": [] if ok else [{"test": "t::x", "outcome": "failed",
                                             "message": "assert 1 == 2"}]}

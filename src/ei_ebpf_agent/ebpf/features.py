@@ -5,7 +5,11 @@ than trusting the version number, because distributions backport BPF features:
 
 - ring buffer maps (BPF_MAP_TYPE_RINGBUF, Linux 5.8): required, the full-table fallback;
 - map-in-map (BPF_MAP_TYPE_ARRAY_OF_MAPS, Linux 4.12): required, the table swap;
-- batch lookup-and-delete on hash maps (Linux 5.6): required, the drain;
+- the coarse clock helper bpf_ktime_get_coarse_ns (Linux 5.11): optional; without it
+  the program reads the exact clock, which costs more per packet.
+
+Everything else the program uses is older than the ring buffer: mmapable arrays (the
+flow tables, 5.5), bpf_spin_lock (5.1), bounded loops (5.3).
 - TCX links (BPF_LINK_CREATE with BPF_TCX_INGRESS, Linux 6.6): optional; without them
   the agent attaches clsact tc filters.
 
@@ -38,12 +42,13 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_FUNC_KTIME_GET_COARSE_NS = 160
 
 # feature -> (human name, first kernel version, required)
 FEATURES: dict[str, tuple[str, str, bool]] = {
     "ringbuf": ("BPF ring buffer maps", "5.8", True),
     "map_in_map": ("BPF map-in-map (ARRAY_OF_MAPS)", "4.12", True),
-    "batch_ops": ("batch lookup-and-delete on BPF hash maps", "5.6", True),
+    "coarse_clock": ("the coarse clock helper bpf_ktime_get_coarse_ns", "5.11", False),
     "tcx": ("TCX links", "6.6", False),
 }
 
@@ -57,7 +62,7 @@ class KernelFeatures:
     kernel: str
     ringbuf: bool
     map_in_map: bool
-    batch_ops: bool
+    coarse_clock: bool
     tcx: bool
 
     @property
@@ -90,7 +95,7 @@ class KernelFeatures:
 
         mode = "TCX links" if self.tcx else "clsact tc filters (no TCX before Linux 6.6)"
         return (f"kernel {self.kernel}: attaching with {mode}; ring buffer {word(self.ringbuf)}, "
-                f"map-in-map {word(self.map_in_map)}, batch ops {word(self.batch_ops)}")
+                f"map-in-map {word(self.map_in_map)}, coarse clock {word(self.coarse_clock)}")
 
     def log_once(self) -> None:
         if not _logged:
@@ -136,21 +141,13 @@ def probe_map_in_map() -> bool:
     return _map_type_works(BPF_MAP_TYPE_ARRAY_OF_MAPS)
 
 
-def probe_batch_ops() -> bool:
-    """An empty hash map answers a batch lookup-and-delete with ENOENT where supported."""
-    fd = _lib["bpf_map_create"](BPF_MAP_TYPE_HASH, b"ei_probe", 4, 4, 1, None)
-    try:
-        keys, values = (ctypes.c_uint32 * 1)(), (ctypes.c_uint32 * 1)()
-        out_batch, count = ctypes.c_uint32(0), ctypes.c_uint32(1)
-        try:
-            libbpf.bpf_map_lookup_and_delete_batch(
-                fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count), None
-            )
-        except LibbpfError as error:
-            return error.errno == errno.ENOENT
-        return True
-    finally:
-        _close(fd)
+def probe_coarse_clock() -> bool:
+    """Whether TC programs may call bpf_ktime_get_coarse_ns."""
+    answer = _lib["libbpf_probe_bpf_helper"](BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_KTIME_GET_COARSE_NS,
+                                             None)
+    if answer < 0:
+        raise LibbpfError("libbpf_probe_bpf_helper", -answer)
+    return answer == 1
 
 
 # r0 = -1 (TC_ACT_UNSPEC / TCX_NEXT); exit. struct bpf_insn: u8 code, u8 regs, s16 off, s32 imm
@@ -176,7 +173,7 @@ def probe_tcx() -> bool:
 PROBES: dict[str, Callable[[], bool]] = {
     "ringbuf": probe_ringbuf,
     "map_in_map": probe_map_in_map,
-    "batch_ops": probe_batch_ops,
+    "coarse_clock": probe_coarse_clock,
     "tcx": probe_tcx,
 }
 
@@ -214,6 +211,9 @@ def _bind() -> dict[str, Callable]:
     bound = {}
     signatures = {
         "libbpf_probe_bpf_map_type": ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int, None),
+        "libbpf_probe_bpf_helper": (
+            [ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int, None,
+        ),
         "bpf_map_create": (
             [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
              ctypes.c_void_p], ctypes.c_int, libbpf._check_int,

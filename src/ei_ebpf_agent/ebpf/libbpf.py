@@ -93,8 +93,18 @@ class bpf_object_open_opts(Structure):
     ]
 
 
-class bpf_map_batch_opts(Structure):
-    _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
+class bpf_map_create_opts(Structure):
+    """The leading fields of libbpf's struct (libbpf reads `sz` and zero-fills the rest)."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("btf_fd", c_uint32),
+        ("btf_key_type_id", c_uint32),
+        ("btf_value_type_id", c_uint32),
+        ("btf_vmlinux_value_type_id", c_uint32),
+        ("inner_map_fd", c_uint32),
+        ("map_flags", c_uint32),
+    ]
 
 
 class bpf_tc_hook(Structure):
@@ -198,6 +208,12 @@ _SIGNATURES: dict = {
     ),
     "bpf_map__set_max_entries": ([POINTER(bpf_map), c_uint32], c_int, _check_int, False),
     "bpf_map__max_entries": ([POINTER(bpf_map)], c_uint32, _check_none, False),
+    "bpf_map__reuse_fd": ([POINTER(bpf_map), c_int], c_int, _check_int, False),
+    "bpf_map__set_inner_map_fd": ([POINTER(bpf_map), c_int], c_int, _check_int, False),
+    "bpf_map_create": (
+        [c_int, c_char_p, c_uint32, c_uint32, c_uint32, POINTER(bpf_map_create_opts)], c_int,
+        _check_int, False,
+    ),
     "bpf_map__initial_value": (
         [POINTER(bpf_map), POINTER(c_size_t)], c_void_p, _check_ptr, False,
     ),
@@ -208,18 +224,6 @@ _SIGNATURES: dict = {
     "bpf_program__fd": ([POINTER(bpf_program)], c_int, _check_int, False),
     "bpf_map_update_elem": ([c_int, c_void_p, c_void_p, c_uint64], c_int, _check_int, False),
     "bpf_map_lookup_elem": ([c_int, c_void_p, c_void_p], c_int, _check_int, False),
-    "bpf_map_lookup_batch": (
-        [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32),
-         POINTER(bpf_map_batch_opts)], c_int, _check_int, False,
-    ),
-    "bpf_map_lookup_and_delete_batch": (
-        [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32),
-         POINTER(bpf_map_batch_opts)], c_int, _check_int, False,
-    ),
-    "bpf_map_delete_batch": (
-        [c_int, c_void_p, POINTER(c_uint32), POINTER(bpf_map_batch_opts)], c_int,
-        _check_int, False,
-    ),
     "bpf_obj_get_info_by_fd": (
         [c_int, c_void_p, POINTER(c_uint32)], c_int, _check_int, False,
     ),

@@ -1,7 +1,7 @@
 """Open, configure and load the embedded eBPF object; attach it to interfaces and detach it.
 
 `FlowProgram.load()` verifies the object's sha256 before libbpf sees it, sets the
-load-time configuration (.rodata `agent_config`, map sizes), loads it and checks that
+load-time configuration (.rodata `agent_config`, table sizes), loads it and checks that
 slot 0 of `flows_outer` points to `flows_a`. `FlowProgram.attach()` hooks a program on
 one direction of one interface with TCX (kernel >= 6.6) or a clsact filter, and returns
 an `Attachment` whose `detach()` removes exactly that and nothing else.
@@ -31,13 +31,19 @@ import numpy as np
 
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
-from ei_ebpf_agent.flow.record import AGENT_CONFIG, FLOW_KEY, FLOW_VALUE
+from ei_ebpf_agent.flow.record import AGENT_CONFIG, FLOW_SLOT
 from ei_ebpf_agent.privileges import missing_message
 
 log = logging.getLogger(__name__)
 
 PROGRAMS = {"ingress": "tc_ingress", "egress": "tc_egress"}
-MAPS = ("flows_outer", "flows_a", "flows_b", "flows_ringbuf", "counters")
+MAPS = ("flows_outer", "flows_a", "flows_b", "slot_locks", "flows_ringbuf", "counters")
+TABLES = ("flows_a", "flows_b")
+# Slots per flow of CACHE_MAX_FLOWS: a table at most half full keeps the linear probe
+# short (about 2.5 slots to find a new flow's place, 1.5 to find a known flow).
+SLOTS_PER_FLOW = 2
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10
 MODES = ("any", "tcx", "tc")
 
 MISSING_PRIVILEGES = (
@@ -186,19 +192,25 @@ class FlowProgram:
             for direction, prog in PROGRAMS.items()
         }
         self.map_fds = {name: libbpf.bpf_map__fd(self._map(name)) for name in MAPS}
-        self.max_flows = libbpf.bpf_map__max_entries(self._map("flows_a"))
+        self.table_slots = libbpf.bpf_map__max_entries(self._map("flows_a"))
+        self.max_flows = self.table_slots // SLOTS_PER_FLOW
         self.ncpus = libbpf.libbpf_num_possible_cpus()
 
     # -- loading ------------------------------------------------------------------------
 
     @classmethod
     def load(cls, *, sampling: int = 0, max_flows: int = 5000,
-             ringbuf_bytes: int | None = None, objects: Any = None) -> FlowProgram:
+             ringbuf_bytes: int | None = None, objects: Any = None,
+             coarse_clock: bool | None = None) -> FlowProgram:
         """Verify, open, configure and load the embedded object.
 
         `objects` is a directory (Traversable or Path) holding the object and SHA256SUMS;
-        by default the package's `ebpf_objects`. Raises AgentStartError with one line.
+        by default the package's `ebpf_objects`. `coarse_clock`: time flows with the
+        kernel's tick-precise clock (default: when the kernel has it, Linux 5.11+).
+        Raises AgentStartError with one line.
         """
+        if coarse_clock is None:
+            coarse_clock = _kernel_has_coarse_clock()
         name = object_name()
         data = read_verified_object(objects, name)
         buffer = ctypes.create_string_buffer(data, len(data))
@@ -209,9 +221,11 @@ class FlowProgram:
             except LibbpfError as error:
                 raise AgentStartError(f"cannot open eBPF object {name}: {error}") from error
             stack.callback(libbpf.bpf_object__close, obj)
-            _configure(obj, name, sampling, max_flows, ringbuf_bytes)
+            _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock)
             try:
-                libbpf.bpf_object__load(obj)
+                with contextlib.ExitStack() as tables:
+                    _create_tables(obj, name, SLOTS_PER_FLOW * max_flows, tables)
+                    libbpf.bpf_object__load(obj)
             except LibbpfError as error:
                 if _is_permission(error):
                     raise AgentStartError(
@@ -227,8 +241,9 @@ class FlowProgram:
         except BaseException:
             program.close()
             raise
-        log.info("loaded %s (libbpf %s): %d flows per table, sampling %d",
-                 name, libbpf.version(), program.max_flows, sampling)
+        log.info("loaded %s (libbpf %s): %d flows per table (%d slots), sampling %d, %s clock",
+                 name, libbpf.version(), program.max_flows, program.table_slots, sampling,
+                 "coarse" if coarse_clock else "exact")
         return program
 
     def _map(self, name: str) -> Any:
@@ -238,13 +253,13 @@ class FlowProgram:
         return libbpf.bpf_object__find_program_by_name(self._obj, name.encode())
 
     def _check_maps(self) -> None:
-        for name, dtype in (("flows_a", FLOW_KEY), ("flows_b", FLOW_KEY)):
+        for name in TABLES:
             info = libbpf.map_info(self.map_fds[name])
-            if info.key_size != dtype.itemsize or info.value_size != FLOW_VALUE.itemsize:
+            if info.key_size != 4 or info.value_size != FLOW_SLOT.itemsize:
                 raise AgentStartError(
                     f"{self.name}: map {name} has key/value sizes {info.key_size}/"
-                    f"{info.value_size}, the agent expects {dtype.itemsize}/"
-                    f"{FLOW_VALUE.itemsize}: object and agent versions differ"
+                    f"{info.value_size}, the agent expects 4/{FLOW_SLOT.itemsize}: "
+                    "object and agent versions differ"
                 )
         # Slot 0 must point to flows_a (libbpf fills it from `.values`; make sure).
         wanted = libbpf.map_info(self.map_fds["flows_a"]).id
@@ -426,8 +441,17 @@ class FlowProgram:
         self._stack.close()
 
 
+def _kernel_has_coarse_clock() -> bool:
+    from ei_ebpf_agent.ebpf import features
+
+    try:
+        return features.probe_coarse_clock()
+    except (OSError, AttributeError):
+        return features.kernel_version_fallback(os.uname().release)["coarse_clock"]
+
+
 def _configure(obj: Any, name: str, sampling: int, max_flows: int,
-               ringbuf_bytes: int | None) -> None:
+               ringbuf_bytes: int | None, coarse_clock: bool) -> None:
     """Set .rodata agent_config and map sizes before load."""
 
     def find(map_name: str) -> Any:
@@ -449,15 +473,45 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
     data = bytearray(ctypes.string_at(current, size.value))
     config = np.zeros(1, dtype=AGENT_CONFIG)
     config["sampling"] = sampling
+    config["coarse_clock"] = int(coarse_clock)
+    config["table_slots"] = SLOTS_PER_FLOW * max_flows
+    config["hash_seed"] = int.from_bytes(os.urandom(8), "little")
     data[: AGENT_CONFIG.itemsize] = config.tobytes()  # agent_config sits at offset 0
     value = (ctypes.c_char * len(data)).from_buffer(data)
     libbpf.bpf_map__set_initial_value(rodata, value, len(data))
-    for map_name in ("flows_a", "flows_b"):  # both tables must stay identical
-        libbpf.bpf_map__set_max_entries(find(map_name), max_flows)
     if ringbuf_bytes:
         libbpf.bpf_map__set_max_entries(find("flows_ringbuf"), ringbuf_bytes)
     for map_name in MAPS:
         find(map_name)
+
+
+def _create_tables(obj: Any, name: str, slots: int, stack: contextlib.ExitStack) -> None:
+    """Create flows_a and flows_b (`slots` entries each) for libbpf to use.
+
+    flows_outer's template of its inner maps must have their exact size (the kernel
+    compares array sizes on every swap), and libbpf 1.1 cannot resize the template it
+    makes from the object; so the agent makes the tables and hands flows_a to libbpf as
+    the template too. `stack` closes our fds once libbpf has its own copies (after load).
+    """
+    opts = libbpf.make_opts(libbpf.bpf_map_create_opts, map_flags=BPF_F_MMAPABLE)
+    fds = {}
+    for table in TABLES:
+        try:
+            fd = libbpf.bpf_map_create(BPF_MAP_TYPE_ARRAY, table.encode(), 4, FLOW_SLOT.itemsize,
+                                       slots, ctypes.byref(opts))
+        except LibbpfError as error:
+            if _is_permission(error):
+                raise AgentStartError(privileges_message(f"cannot create map {table}")) from error
+            raise AgentStartError(
+                f"cannot create flow table {table} of {slots} slots "
+                f"({slots * FLOW_SLOT.itemsize / 2**20:.1f} MiB): {error} "
+                "(lower CACHE_MAX_FLOWS?)"
+            ) from error
+        stack.callback(os.close, fd)
+        fds[table] = fd
+        libbpf.bpf_map__reuse_fd(libbpf.bpf_object__find_map_by_name(obj, table.encode()), fd)
+    outer = libbpf.bpf_object__find_map_by_name(obj, b"flows_outer")
+    libbpf.bpf_map__set_inner_map_fd(outer, fds["flows_a"])
 
 
 def _has_tc_filters(if_index: int) -> bool | None:

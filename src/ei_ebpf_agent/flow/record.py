@@ -53,8 +53,32 @@ def _concat(first: np.dtype, second: np.dtype) -> np.dtype:
 # it, and a drained batch is decoded into it, so every exporter sees one layout.
 FLOW_RECORD = _concat(FLOW_KEY, FLOW_VALUE)
 
-# struct agent_config (8 bytes): the whole .rodata section.
-AGENT_CONFIG = np.dtype({"names": ["sampling"], "formats": ["=u4"], "offsets": [0], "itemsize": 8})
+# struct flow_slot (128 bytes): one slot of a flow table, as userspace mmaps it; key and
+# value flattened like FLOW_RECORD. SLOT_KEY_OFFSET/SLOT_VALUE_OFFSET locate their bytes.
+SLOT_KEY_OFFSET = 8
+SLOT_VALUE_OFFSET = 64
+FLOW_SLOT = np.dtype(
+    {
+        "names": ["state", *FLOW_KEY.names, *FLOW_VALUE.names],
+        "formats": ["=u4"] + [FLOW_KEY.fields[n][0] for n in FLOW_KEY.names]
+        + [FLOW_VALUE.fields[n][0] for n in FLOW_VALUE.names],
+        "offsets": [0] + [SLOT_KEY_OFFSET + FLOW_KEY.fields[n][1] for n in FLOW_KEY.names]
+        + [SLOT_VALUE_OFFSET + FLOW_VALUE.fields[n][1] for n in FLOW_VALUE.names],
+        "itemsize": 128,
+    }
+)
+SLOT_EMPTY = 0
+SLOT_READY = 1
+
+# struct agent_config (24 bytes): the whole .rodata section.
+AGENT_CONFIG = np.dtype(
+    {
+        "names": ["sampling", "coarse_clock", "table_slots", "hash_seed"],
+        "formats": ["=u4", "=u4", "=u4", "=u8"],
+        "offsets": [0, 4, 8, 16],
+        "itemsize": 24,
+    }
+)
 
 KEY_FIELDS = FLOW_KEY.names
 VALUE_FIELDS = FLOW_VALUE.names

@@ -2,9 +2,10 @@
 
 Eviction is lossless: `evict()` points flows_outer[0] at the idle table, and the kernel
 returns from that update only after every program that could still see the old table
-has finished (RCU grace period), so the old table is then drained without races. A
-packet that found the table full arrived through the ring buffer instead; its record is
-merged into the batch by key.
+has finished (RCU grace period), so the old table is then drained without races: it is
+mmapped, its filled slots are copied out and zeroed, and it is ready to be swapped in
+again. A packet that found no free slot arrived through the ring buffer instead; its
+record is merged into the batch by key.
 
 Shutdown order: detach the programs, `evict()` a last time (it consumes what is left
 in the ring buffer), then `close()`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import select
 import threading
 import time
@@ -32,17 +34,21 @@ from ei_ebpf_agent.flow.record import (
     COUNTER_RINGBUF_RECORDS,
     FLOW_KEY,
     FLOW_RECORD,
+    FLOW_SLOT,
     FLOW_VALUE,
+    SLOT_KEY_OFFSET,
+    SLOT_READY,
+    SLOT_VALUE_OFFSET,
 )
 
 log = logging.getLogger(__name__)
 
-DRAIN_CHUNK = 4096  # flows per batch syscall
 POLL_TIMEOUT_MS = 100  # ring buffer poll period; also bounds how long close() waits
 
 _KEY_SIZE = FLOW_KEY.itemsize
 _VALUE_SIZE = FLOW_VALUE.itemsize
 _RECORD_SIZE = FLOW_RECORD.itemsize
+_SLOT_SIZE = FLOW_SLOT.itemsize
 
 
 class FlowTracer:
@@ -50,19 +56,12 @@ class FlowTracer:
 
     def __init__(self, program: FlowProgram, *,
                  interfaces_lookup: Callable[[], Mapping[int, str]],
-                 agent_ip: IPAddress, drain_chunk: int = DRAIN_CHUNK) -> None:
+                 agent_ip: IPAddress) -> None:
         self._program = program
         self._interfaces_lookup = interfaces_lookup
         self._agent_ip = agent_ip
-        self._drain_chunk = drain_chunk
         self._active = "flows_a"  # the table the programs write to (loader set slot 0)
         self._evict_lock = threading.Lock()
-        # Drain buffers for one chunk, allocated once: the kernel writes into them directly,
-        # and each chunk is copied into the batch (memory does not double with the table).
-        self._keys = np.zeros(drain_chunk, dtype=FLOW_KEY)
-        self._values = np.zeros(drain_chunk, dtype=FLOW_VALUE)
-        self._token = ctypes.create_string_buffer(_KEY_SIZE)  # opaque batch cursor
-        self._batch_opts = libbpf.make_opts(libbpf.bpf_map_batch_opts)
 
         # Stats, read by the metrics module.
         self.evictions = 0
@@ -157,42 +156,24 @@ class FlowTracer:
             )
 
     def _drain(self, fd: int) -> np.ndarray:
-        """Batch lookup-and-delete every entry of the map `fd`, as FLOW_RECORD rows."""
-        capacity = self._program.max_flows
-        # np.empty maps pages lazily: only the rows filled below become resident memory.
-        records = np.empty(capacity, dtype=FLOW_RECORD)
-        raw = records.view(np.uint8).reshape(capacity, _RECORD_SIZE)
-        token = ctypes.addressof(self._token)
-        count = ctypes.c_uint32()
-        chunk = self._drain_chunk
-        total = 0
-        in_batch = None  # NULL: start from the beginning
-        done = False
-        while total < capacity and not done:
-            count.value = min(chunk, capacity - total)
-            if len(self._keys) < count.value:
-                self._keys = np.zeros(count.value, dtype=FLOW_KEY)
-                self._values = np.zeros(count.value, dtype=FLOW_VALUE)
+        """The filled slots of the idle table `fd` as FLOW_RECORD rows; zeroes them."""
+        slots = self._program.table_slots
+        with mmap.mmap(fd, slots * _SLOT_SIZE, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
+            table = np.frombuffer(mapped, dtype=np.uint8, count=slots * _SLOT_SIZE)
+            table = table.reshape(slots, _SLOT_SIZE)
             try:
-                libbpf.bpf_map_lookup_and_delete_batch(
-                    fd, in_batch, token, self._keys.ctypes.data, self._values.ctypes.data,
-                    ctypes.byref(count), ctypes.byref(self._batch_opts),
-                )
-                in_batch = token
-            except LibbpfError as error:
-                if error.errno == errno.ENOENT:  # end of the map; `count` entries still came
-                    done = True
-                elif error.errno == errno.ENOSPC and chunk < capacity - total:
-                    chunk *= 2  # one hash bucket holds more entries than `count`
-                else:
-                    raise
-            n = count.value
-            raw[total:total + n, :_KEY_SIZE] = self._keys[:n].view(np.uint8).reshape(
-                n, _KEY_SIZE)
-            raw[total:total + n, _KEY_SIZE:] = self._values[:n].view(np.uint8).reshape(
-                n, _VALUE_SIZE)
-            total += n
-        return records[:total]
+                filled = np.flatnonzero(table[:, :4].view(np.uint32)[:, 0] == SLOT_READY)
+                records = np.empty(len(filled), dtype=FLOW_RECORD)
+                raw = records.view(np.uint8).reshape(len(filled), _RECORD_SIZE)
+                rows = table[filled]
+                raw[:, :_KEY_SIZE] = rows[:, SLOT_KEY_OFFSET:SLOT_KEY_OFFSET + _KEY_SIZE]
+                raw[:, _KEY_SIZE:] = rows[:, SLOT_VALUE_OFFSET:SLOT_VALUE_OFFSET + _VALUE_SIZE]
+                del rows
+                table[filled] = 0  # empty again for its next turn as the active table
+            finally:
+                del table  # no view may outlive the mapping
+        return records
 
     def _read_kernel_counters(self) -> None:
         try:
