@@ -5,8 +5,7 @@
 - TCX attachment of any program fd to an interface (kernel >= 6.6);
 - kernel BPF run-time statistics (BPF_ENABLE_STATS: enabled while the returned fd is
   open, so they are switched off again even if the benchmark dies);
-- run_time_ns / run_cnt of a program (BPF_OBJ_GET_INFO_BY_FD);
-- batch update of a map from numpy arrays (BPF_MAP_UPDATE_BATCH).
+- run_time_ns / run_cnt of a program (BPF_OBJ_GET_INFO_BY_FD).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import platform
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -28,7 +25,6 @@ _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64
 
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_MAP_UPDATE_BATCH = 26
 BPF_LINK_CREATE = 28
 BPF_ENABLE_STATS = 32
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -103,17 +99,3 @@ def prog_stats(prog_fd: int) -> ProgStats:
     name = info.raw[64:80].split(b"\0", 1)[0].decode()
     run_time_ns, run_cnt = struct.unpack_from("<QQ", info, 192)
     return ProgStats(prog_id, name, run_time_ns, run_cnt)
-
-
-def map_update_batch(map_fd: int, keys: np.ndarray, values: np.ndarray) -> None:
-    """Insert or overwrite len(keys) entries in one syscall (contiguous numpy arrays)."""
-    if len(keys) != len(values):
-        raise ValueError(f"{len(keys)} keys but {len(values)} values")
-    keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("<QQQQII", attr, 0, 0, 0, keys.ctypes.data, values.ctypes.data,
-                     len(keys), map_fd)
-    _bpf(BPF_MAP_UPDATE_BATCH, attr, f"BPF_MAP_UPDATE_BATCH map fd {map_fd}")
-    (done,) = struct.unpack_from("<I", attr, 32)
-    if done != len(keys):
-        raise OSError(f"BPF_MAP_UPDATE_BATCH map fd {map_fd}: {done} of {len(keys)} written")

@@ -26,7 +26,7 @@ PAYLOAD = 18  # 14 + 20 + 8 + 18 = 60-byte frames (64 on the wire with the FCS)
 
 
 def hot_flows(topo, count: int) -> str:
-    """`count` flows cycling over source ports 10000.. (same addresses)."""
+    """`count` UDP 5-tuples cycling over source ports 10000.. (same addresses)."""
     return _config(topo, f"ipv4(sa={topo.ip4_a}, da={topo.ip4_b})",
                    f"sp=dinc(10000, {10000 + count - 1})")
 

@@ -35,7 +35,7 @@
 
 /* Default table size; the loader sets flows_a/flows_b from CACHE_MAX_FLOWS. */
 #define FLOW_TABLE_SLOTS 10000
-#define MAX_PROBES 16 /* slots tried per packet before the ring buffer takes it */
+#define MAX_PROBES 32 /* slots tried per packet before the ring buffer takes it */
 #define LOCK_STRIPES 1024
 #define RINGBUF_BYTES (1 << 20)
 
@@ -331,13 +331,14 @@ static __always_inline __u64 now_ns(void)
  * without an atomic OR (5.12+, and only 32/64-bit): two CPUs adding different new bits
  * to one flow in the same instant may lose one of them; counts are unaffected.
  */
-static __always_inline void add_packet(struct flow_value *v, const struct pkt_info *info)
+static __always_inline void add_packet(struct flow_value *v, const struct pkt_info *info,
+				       __u64 now)
 {
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, info->len);
 	if (info->ip_bytes)
 		__sync_fetch_and_add(&v->ip_bytes, info->ip_bytes);
-	v->last_seen_ns = now_ns();
+	v->last_seen_ns = now;
 	if ((v->tcp_flags | info->tcp_flags) != v->tcp_flags)
 		v->tcp_flags |= info->tcp_flags;
 }
@@ -362,19 +363,19 @@ static __always_inline int key_equal(const struct flow_key *a, const struct flow
 {
 	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
 
-	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) |
-		(x[4] ^ y[4]) | (x[5] ^ y[5])) == 0;
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
+		(x[5] ^ y[5])) == 0;
 }
 
 /* A new flow's value without its counters (add_packet and the ring buffer path add
  * those): first seen, sampling rate, DSCP, MACs. */
 static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buff *skb,
-					   const struct pkt_info *info, void *buf)
+					   const struct pkt_info *info, void *buf, __u64 now)
 {
 	const __u8 *eth = load_hdr(skb, 0, 2 * ETH_ALEN, buf);
 
 	__builtin_memset(v, 0, sizeof(*v));
-	v->first_seen_ns = now_ns();
+	v->first_seen_ns = now;
 	v->sampling = agent_config.sampling;
 	v->dscp = info->dscp;
 	if (eth) {
@@ -389,8 +390,8 @@ static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buf
  * the same flow; 0 when another CPU filled it with another flow. The state is stored
  * last, so a CPU that sees SLOT_READY without taking the lock finds the key in place.
  */
-static __always_inline int fill_slot(struct flow_slot *s, __u32 idx, const struct flow_key *key,
-				     const struct flow_value *init)
+static __always_inline int fill_slot(struct flow_slot *s, __u32 idx,
+				     const struct flow_key *key, const struct flow_value *init)
 {
 	__u32 stripe = idx % LOCK_STRIPES;
 	struct slot_lock *l = bpf_map_lookup_elem(&slot_locks, &stripe);
@@ -406,7 +407,8 @@ static __always_inline int fill_slot(struct flow_slot *s, __u32 idx, const struc
 		s->value.dscp = init->dscp;
 		__builtin_memcpy(s->value.src_mac, init->src_mac, ETH_ALEN);
 		__builtin_memcpy(s->value.dst_mac, init->dst_mac, ETH_ALEN);
-		asm volatile("" ::: "memory"); /* the compiler must not store the state earlier */
+		/* A compiler barrier: the state must not be stored before the rest. */
+		asm volatile("" ::: "memory");
 		s->state = SLOT_READY;
 		mine = 1;
 	} else {
@@ -436,9 +438,10 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 	struct pkt_info info = {};
 	struct flow_slot *s;
 	void *table;
-	__u32 zero = 0, slots = agent_config.table_slots, idx;
+	__u32 zero = 0, slots = agent_config.table_slots, idx = 0;
 	__u32 sampling = agent_config.sampling;
 	int i, have_value = 0;
+	__u64 now;
 
 	if (sampling > 1 && bpf_get_prandom_u32() % sampling != 0)
 		return TC_ACT_UNSPEC;
@@ -453,6 +456,14 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 	if (table) {
 		/* The hash's upper half scaled to [0, slots), without a division. */
 		idx = ((flow_hash(&rec.key) >> 32) * slots) >> 32;
+		/* Start loading the flow's slot (usually a cache miss), and read the clock
+		 * while that load is pending. */
+		s = bpf_map_lookup_elem(table, &idx);
+		if (s)
+			(void)*(volatile __u32 *)&s->state;
+	}
+	now = now_ns();
+	if (table) {
 #pragma nounroll
 		for (i = 0; i < MAX_PROBES; i++) {
 			s = bpf_map_lookup_elem(table, &idx);
@@ -460,18 +471,18 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 				break;
 			if (*(volatile __u32 *)&s->state == SLOT_READY) {
 				if (key_equal(&s->key, &rec.key)) {
-					add_packet(&s->value, &info);
+					add_packet(&s->value, &info, now);
 					return TC_ACT_UNSPEC;
 				}
 			} else {
 				/* Slots are not emptied while their table is active: at the
 				 * first empty slot the flow is new. */
 				if (!have_value) {
-					new_flow_value(&rec.value, skb, &info, buf);
+					new_flow_value(&rec.value, skb, &info, buf, now);
 					have_value = 1;
 				}
 				if (fill_slot(s, idx, &rec.key, &rec.value)) {
-					add_packet(&s->value, &info);
+					add_packet(&s->value, &info, now);
 					return TC_ACT_UNSPEC;
 				}
 			}
@@ -481,11 +492,11 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 	}
 
 	if (!have_value)
-		new_flow_value(&rec.value, skb, &info, buf);
+		new_flow_value(&rec.value, skb, &info, buf, now);
 	rec.value.packets = 1;
 	rec.value.bytes = info.len;
 	rec.value.ip_bytes = info.ip_bytes;
-	rec.value.last_seen_ns = rec.value.first_seen_ns;
+	rec.value.last_seen_ns = now;
 	rec.value.tcp_flags = info.tcp_flags;
 	emit_record(&rec);
 	return TC_ACT_UNSPEC;

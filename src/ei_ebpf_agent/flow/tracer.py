@@ -43,12 +43,17 @@ from ei_ebpf_agent.flow.record import (
 
 log = logging.getLogger(__name__)
 
+# Slots mapped at once by the drain (4 MiB): a whole number of pages, since mmap offsets
+# must be page-aligned (4 KiB holds 32 slots; 64 KiB pages hold 512).
+DRAIN_WINDOW_SLOTS = 32768
 POLL_TIMEOUT_MS = 100  # ring buffer poll period; also bounds how long close() waits
 
 _KEY_SIZE = FLOW_KEY.itemsize
 _VALUE_SIZE = FLOW_VALUE.itemsize
 _RECORD_SIZE = FLOW_RECORD.itemsize
 _SLOT_SIZE = FLOW_SLOT.itemsize
+_SLOT_KEY = SLOT_KEY_OFFSET
+_SLOT_VALUE = SLOT_VALUE_OFFSET
 
 
 class FlowTracer:
@@ -156,24 +161,34 @@ class FlowTracer:
             )
 
     def _drain(self, fd: int) -> np.ndarray:
-        """The filled slots of the idle table `fd` as FLOW_RECORD rows; zeroes them."""
+        """The filled slots of the idle table `fd` as FLOW_RECORD rows; zeroes them.
+
+        The table is mapped a window at a time, so the agent's resident memory grows by
+        one window, not by the table's size.
+        """
         slots = self._program.table_slots
-        with mmap.mmap(fd, slots * _SLOT_SIZE, flags=mmap.MAP_SHARED,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
-            table = np.frombuffer(mapped, dtype=np.uint8, count=slots * _SLOT_SIZE)
-            table = table.reshape(slots, _SLOT_SIZE)
-            try:
-                filled = np.flatnonzero(table[:, :4].view(np.uint32)[:, 0] == SLOT_READY)
-                records = np.empty(len(filled), dtype=FLOW_RECORD)
-                raw = records.view(np.uint8).reshape(len(filled), _RECORD_SIZE)
-                rows = table[filled]
-                raw[:, :_KEY_SIZE] = rows[:, SLOT_KEY_OFFSET:SLOT_KEY_OFFSET + _KEY_SIZE]
-                raw[:, _KEY_SIZE:] = rows[:, SLOT_VALUE_OFFSET:SLOT_VALUE_OFFSET + _VALUE_SIZE]
-                del rows
-                table[filled] = 0  # empty again for its next turn as the active table
-            finally:
-                del table  # no view may outlive the mapping
-        return records
+        # np.empty maps pages lazily: only the rows filled below become resident memory.
+        records = np.empty(slots, dtype=FLOW_RECORD)
+        raw = records.view(np.uint8).reshape(slots, _RECORD_SIZE)
+        total = 0
+        for first in range(0, slots, DRAIN_WINDOW_SLOTS):
+            count = min(DRAIN_WINDOW_SLOTS, slots - first)
+            with mmap.mmap(fd, count * _SLOT_SIZE, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=first * _SLOT_SIZE) as mapped:
+                window = np.frombuffer(mapped, dtype=np.uint8, count=count * _SLOT_SIZE)
+                window = window.reshape(count, _SLOT_SIZE)
+                try:
+                    filled = np.flatnonzero(window[:, :4].view(np.uint32)[:, 0] == SLOT_READY)
+                    rows = window[filled]
+                    window[filled] = 0  # empty again for its next turn as the active table
+                finally:
+                    del window  # no view may outlive the mapping
+            n = len(filled)
+            raw[total:total + n, :_KEY_SIZE] = rows[:, _SLOT_KEY:_SLOT_KEY + _KEY_SIZE]
+            raw[total:total + n, _KEY_SIZE:] = rows[:, _SLOT_VALUE:_SLOT_VALUE + _VALUE_SIZE]
+            total += n
+        return records[:total]
 
     def _read_kernel_counters(self) -> None:
         try:
