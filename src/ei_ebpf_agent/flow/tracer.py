@@ -43,9 +43,9 @@ from ei_ebpf_agent.flow.record import (
 
 log = logging.getLogger(__name__)
 
-# Slots mapped at once by the drain (4 MiB): a whole number of pages, since mmap offsets
+# Slots mapped at once by the drain (1 MiB): a whole number of pages, since mmap offsets
 # must be page-aligned (4 KiB holds 32 slots; 64 KiB pages hold 512).
-DRAIN_WINDOW_SLOTS = 32768
+DRAIN_WINDOW_SLOTS = 8192
 POLL_TIMEOUT_MS = 100  # ring buffer poll period; also bounds how long close() waits
 
 _KEY_SIZE = FLOW_KEY.itemsize
