@@ -84,7 +84,7 @@ LOG_LEVELS: dict[str, int] = {
 ALIASES: dict[str, str] = {"FLOWS_TARGET_HOST": "TARGET_HOST", "FLOWS_TARGET_PORT": "TARGET_PORT"}
 
 MAX_SAMPLING = 2**31 - 1  # agent_config.sampling is a __u32; keep it a positive int32
-MAX_CACHE_FLOWS = 10_000_000  # preallocated: 2 tables x 10 M x (48 + 64) B is already ~2.2 GB
+MAX_CACHE_FLOWS = 10_000_000  # 2 tables x 2 slots x 128 B per flow: 10 M is already 5 GB
 MAX_INT = 2**31 - 1
 # Smallest IPFIX message that holds every template (exporter/ipfix_encode.MIN_MESSAGE_SIZE;
 # a unit test keeps them equal, config does not import the encoder).
