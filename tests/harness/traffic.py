@@ -341,6 +341,29 @@ def trafgen_udp(link: Link, count: int = 1000, payload_len: int = 300, sport: in
     return exp
 
 
+def trafgen_udp_flows_on_cpus(link: Link, n_flows: int, rounds: int, cpus: int = 2,
+                              sport: int = 22000, dport: int = 40000,
+                              timeout: float = 120.0) -> None:
+    """trafgen on `cpus` CPUs at once (`-P`), each process sending the same `n_flows` UDP
+    flows (source ports sport.. in order) `rounds` times from A's end: the first packets
+    of a flow reach the agent on several CPUs at nearly the same moment. Returns nothing:
+    how trafgen splits the count over its processes is its business; the Sniffer says
+    what went out."""
+    if shutil.which("trafgen") is None:
+        raise FileNotFoundError("trafgen (netsniff-ng) is not installed")
+    config = (f"{{ eth(da={link.peer_mac}, sa={link.local_mac}), "
+              f"ipv4(sa={link.local_ip4}, da={link.peer_ip4}), "
+              f"udp(sp=dinc({sport}, {sport + n_flows - 1}), dp={dport}), fill(0, 32) }}\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as cfg:
+        cfg.write(config)
+    done = link.local_ns.run(["trafgen", "-o", link.local_name, "-i", cfg.name,
+                              "-n", str(cpus * n_flows * rounds), "-q", "-P", str(cpus),
+                              "-C", "-Q"], check=False, timeout=timeout,
+                             cwd=tempfile.gettempdir())
+    if done.returncode != 0:
+        raise TrafficError(f"trafgen failed ({done.returncode}): {done.stderr.strip()}")
+
+
 def mac(text: str) -> bytes:
     """"aa:bb:cc:dd:ee:ff" -> 6 bytes."""
     return bytes.fromhex(text.replace(":", ""))
