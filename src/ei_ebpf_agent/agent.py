@@ -15,7 +15,7 @@ import threading
 import time
 
 from ei_ebpf_agent.config import IPAddress, Settings
-from ei_ebpf_agent.ebpf.features import MissingKernelFeature, probe
+from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature, probe
 from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram
 from ei_ebpf_agent.exporter import Exporter
 from ei_ebpf_agent.flow.batch import FlowBatch
@@ -87,9 +87,10 @@ class Agent:
                     f"cannot serve metrics on {settings.metrics_server_address}:"
                     f"{settings.metrics_server_port}: {error.strerror or error}") from error
             stack.callback(metrics.close)
-            self._check_kernel()
+            features = self._check_kernel()
             program = FlowProgram.load(
-                sampling=settings.sampling, max_flows=settings.cache_max_flows
+                sampling=settings.sampling, max_flows=settings.cache_max_flows,
+                coarse_clock=features.coarse_clock,
             )
             stack.callback(program.close)
             tracer = FlowTracer(program, interfaces_lookup=self._interface_names,
@@ -127,7 +128,7 @@ class Agent:
         log.info("agent stopped")
         return 0
 
-    def _check_kernel(self) -> None:
+    def _check_kernel(self) -> KernelFeatures:
         """Probe what the kernel offers once; one line if it lacks something needed."""
         features = probe()
         features.log_once()
@@ -139,6 +140,7 @@ class Agent:
             raise AgentStartError(
                 f"TC_ATTACH_MODE=tcx: kernel {features.kernel} lacks TCX links (Linux 6.6 or "
                 "newer); use TC_ATTACH_MODE=any or tc")
+        return features
 
     def _evict(self, tracer: FlowTracer) -> FlowBatch:
         start = time.monotonic()
