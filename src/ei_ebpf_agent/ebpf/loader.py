@@ -224,7 +224,7 @@ class FlowProgram:
             _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock)
             try:
                 with contextlib.ExitStack() as tables:
-                    _create_tables(obj, name, SLOTS_PER_FLOW * max_flows, tables)
+                    _create_tables(obj, SLOTS_PER_FLOW * max_flows, tables)
                     libbpf.bpf_object__load(obj)
             except LibbpfError as error:
                 if _is_permission(error):
@@ -485,7 +485,7 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
         find(map_name)
 
 
-def _create_tables(obj: Any, name: str, slots: int, stack: contextlib.ExitStack) -> None:
+def _create_tables(obj: Any, slots: int, stack: contextlib.ExitStack) -> None:
     """Create flows_a and flows_b (`slots` entries each) for libbpf to use.
 
     flows_outer's template of its inner maps must have their exact size (the kernel

@@ -52,8 +52,6 @@ _KEY_SIZE = FLOW_KEY.itemsize
 _VALUE_SIZE = FLOW_VALUE.itemsize
 _RECORD_SIZE = FLOW_RECORD.itemsize
 _SLOT_SIZE = FLOW_SLOT.itemsize
-_SLOT_KEY = SLOT_KEY_OFFSET
-_SLOT_VALUE = SLOT_VALUE_OFFSET
 
 
 class FlowTracer:
@@ -164,7 +162,8 @@ class FlowTracer:
         """The filled slots of the idle table `fd` as FLOW_RECORD rows; zeroes them.
 
         The table is mapped a window at a time, so the agent's resident memory grows by
-        one window, not by the table's size.
+        one window, not by the table's size. A window that cannot be mapped keeps its
+        flows: they are exported when this table is drained next time.
         """
         slots = self._program.table_slots
         # np.empty maps pages lazily: only the rows filled below become resident memory.
@@ -173,20 +172,16 @@ class FlowTracer:
         total = 0
         for first in range(0, slots, DRAIN_WINDOW_SLOTS):
             count = min(DRAIN_WINDOW_SLOTS, slots - first)
-            with mmap.mmap(fd, count * _SLOT_SIZE, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                           offset=first * _SLOT_SIZE) as mapped:
-                window = np.frombuffer(mapped, dtype=np.uint8, count=count * _SLOT_SIZE)
-                window = window.reshape(count, _SLOT_SIZE)
-                try:
-                    filled = np.flatnonzero(window[:, :4].view(np.uint32)[:, 0] == SLOT_READY)
-                    rows = window[filled]
-                    window[filled] = 0  # empty again for its next turn as the active table
-                finally:
-                    del window  # no view may outlive the mapping
-            n = len(filled)
-            raw[total:total + n, :_KEY_SIZE] = rows[:, _SLOT_KEY:_SLOT_KEY + _KEY_SIZE]
-            raw[total:total + n, _KEY_SIZE:] = rows[:, _SLOT_VALUE:_SLOT_VALUE + _VALUE_SIZE]
+            try:
+                rows = _take_window(fd, first, count)
+            except OSError as error:
+                log.error("cannot map flow table slots %d-%d (%s): their flows stay in the "
+                          "table until its next drain", first, first + count - 1, error)
+                continue
+            n = len(rows)
+            raw[total:total + n, :_KEY_SIZE] = rows[:, SLOT_KEY_OFFSET:SLOT_KEY_OFFSET + _KEY_SIZE]
+            raw[total:total + n, _KEY_SIZE:] = rows[:, SLOT_VALUE_OFFSET:SLOT_VALUE_OFFSET
+                                                    + _VALUE_SIZE]
             total += n
         return records[:total]
 
@@ -221,6 +216,22 @@ class FlowTracer:
             if self._rb is not None:
                 libbpf.ring_buffer__free(self._rb)
                 self._rb = None
+
+
+def _take_window(fd: int, first: int, count: int) -> np.ndarray:
+    """Copies of the filled slots among `count` slots from `first` (raw bytes, one row
+    each), which are zeroed: empty again for the table's next turn as the active one."""
+    with mmap.mmap(fd, count * _SLOT_SIZE, flags=mmap.MAP_SHARED,
+                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=first * _SLOT_SIZE) as mapped:
+        window = np.frombuffer(mapped, dtype=np.uint8, count=count * _SLOT_SIZE)
+        window = window.reshape(count, _SLOT_SIZE)
+        try:
+            filled = np.flatnonzero(window[:, :4].view(np.uint32)[:, 0] == SLOT_READY)
+            rows = window[filled]
+            window[filled] = 0
+        finally:
+            del window  # no view may outlive the mapping
+    return rows
 
 
 def _concat(first: np.ndarray, second: np.ndarray) -> np.ndarray:
