@@ -106,7 +106,9 @@ def make_batch(records: np.ndarray, agent_ip: str = "10.1.2.3") -> FlowBatch:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("agent_ip", ["10.1.2.3", "0.0.0.0", "fd00::1:2"])
-def test_encoding_is_byte_identical_to_protobuf(seed: int, agent_ip: str) -> None:
+def test_encoding_is_byte_identical_to_protobuf(seed: int, agent_ip: str, monkeypatch) -> None:
+    # 3000 rows in chunks of 1024: the joins between chunks are checked too.
+    monkeypatch.setattr(pbwire, "CHUNK_ROWS", 1024)
     batch = make_batch(random_records(np.random.default_rng(seed), 3000), agent_ip)
     (message,) = pbwire.encode_batch(batch, max_flows=10_000)
     expected = reference(batch)
