@@ -159,6 +159,8 @@ def _summary(case: Case, rows: list[dict], ringbuf_records: int) -> dict:
         "title": case.title,
         "empty_ns": median["empty_ns"],
         "agent_ns": median["agent_ns"],
+        # Spread over the rounds: how noisy the machine was while this case ran.
+        "agent_ns_range": (min(r["agent_ns"] for r in rows), max(r["agent_ns"] for r in rows)),
         "agent_minus_empty_ns": median["agent_ns"] - median["empty_ns"],
         "agent_ingress_ns": median["agent_ingress_ns"],
         "agent_egress_ns": median["agent_egress_ns"],

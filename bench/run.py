@@ -102,7 +102,8 @@ def format_table(results: dict) -> str:
         rows += [
             (f"{name}: empty program (floor)", f"{case['empty_ns']:.0f} ns/pkt", "", ""),
             (f"{name}: agent", f"{case['agent_ns']:.0f} ns/pkt (in {case['agent_ingress_ns']:.0f}"
-                               f", out {case['agent_egress_ns']:.0f})",
+                               f", out {case['agent_egress_ns']:.0f}; rounds "
+                               f"{case['agent_ns_range'][0]:.0f}-{case['agent_ns_range'][1]:.0f})",
              "" if case["target_ns"] is None
              else f"<= {case['target_ns']:.0f} (NetObserv {case['netobserv_ns']})",
              "" if case["meets"] is None else _yes(case["meets"])),
@@ -146,7 +147,7 @@ def format_table(results: dict) -> str:
     lines.append(f"kernel {m['kernel']}, {m['cpus']} CPUs, load average "
                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"
                  f"{', quick run' if results['quick'] else ''}, {results['seconds']} s. "
-                 "ns/pkt include the ~50-65 ns that kernel BPF statistics add to every run.")
+                 "ns/pkt: median of the rounds (their range in brackets), including the ~50-65 ns that kernel BPF statistics add to every run.")
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ _Static_assert(sizeof(struct flow_value) == 64, "flow_value must fit one cache l
 #define FLOW_FLAG_RST_ACK 0x400
 
 /* One slot of a flow table (a BPF array used as an open-addressing hash table with
- * linear probing). Two cache lines: state and key in the first, the value alone in the
+ * triangular probing). Two cache lines: state and key in the first, the value alone in the
  * second. Userspace zeroes a slot when it drains it; the kernel fills an EMPTY slot
  * under a spin lock (key first, then state = SLOT_READY) and never empties one. */
 struct flow_slot {

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 PROGRAMS = {"ingress": "tc_ingress", "egress": "tc_egress"}
 MAPS = ("flows_outer", "flows_a", "flows_b", "slot_locks", "flows_ringbuf", "counters")
 TABLES = ("flows_a", "flows_b")
-# Slots per flow of CACHE_MAX_FLOWS: a table at most half full keeps the linear probe
-# short (about 2.5 slots to find a new flow's place, 1.5 to find a known flow).
+# Slots per flow of CACHE_MAX_FLOWS: a table at most half full keeps the probe sequences
+# short (most flows sit in their home slot; the longest needs 11-17 of the 32 probes).
 SLOTS_PER_FLOW = 2
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
