@@ -147,7 +147,8 @@ def format_table(results: dict) -> str:
     lines.append(f"kernel {m['kernel']}, {m['cpus']} CPUs, load average "
                  f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"
                  f"{', quick run' if results['quick'] else ''}, {results['seconds']} s. "
-                 "ns/pkt: median of the rounds (their range in brackets), including the ~50-65 ns that kernel BPF statistics add to every run.")
+                 "ns/pkt: median of the rounds (their range in brackets), including the "
+                 "~50-65 ns that kernel BPF statistics add to every run.")
     return "\n".join(lines)
 
 
