@@ -54,8 +54,9 @@ _Static_assert(sizeof(struct flow_value) == 64, "flow_value must fit one cache l
 
 /* One slot of a flow table (a BPF array used as an open-addressing hash table with
  * triangular probing). Two cache lines: state and key in the first, the value alone in the
- * second. Userspace zeroes a slot when it drains it; the kernel fills an EMPTY slot
- * under a spin lock (key first, then state = SLOT_READY) and never empties one. */
+ * second. Userspace zeroes a slot when it drains it; the kernel claims an EMPTY slot
+ * (compare-and-exchange to SLOT_BUSY, or a spin lock on kernels before 5.12), writes the
+ * key, then state = SLOT_READY, and never empties one. */
 struct flow_slot {
 	__u32 state; /* SLOT_* */
 	__u32 _pad0;
@@ -69,6 +70,7 @@ _Static_assert(__builtin_offsetof(struct flow_slot, value) == 64,
 
 #define SLOT_EMPTY 0
 #define SLOT_READY 1
+#define SLOT_BUSY 2 /* claimed, key being written */
 
 /* A packet that found the flow table full: sent through the ring buffer. */
 struct flow_record {

@@ -4,16 +4,22 @@
  * table (see docs/architecture.md). Only UAPI headers: no vmlinux.h, no CO-RE, so the
  * object loads with libbpf >= 1.1 on kernels 5.10 and later, with or without kernel
  * BTF. Kernel features used: ringbuf (5.8), mmapable arrays (5.5), bpf_spin_lock (5.1),
- * bounded loops (5.3), JMP32/ALU32 (-mcpu=v3, 5.1), plain atomic add (XADD), and
- * bpf_ktime_get_coarse_ns (5.11) only when the loader says the kernel has it. Not used:
- * atomic fetch/or/cmpxchg (5.12), bpf_loop, kfuncs.
+ * bounded loops (5.3), JMP32/ALU32 (-mcpu=v3, 5.1), plain atomic add (XADD), and, only
+ * when the loader says the kernel has them, bpf_ktime_get_coarse_ns (5.11) and atomic
+ * compare-and-exchange (5.12). Not used: atomic fetch/or, bpf_loop, kfuncs.
+ *
+ * Two pairs of programs differ only in how a new flow claims an empty slot:
+ * tc_ingress/tc_egress with one compare-and-exchange (Linux 5.12+), and
+ * tc_ingress_lock/tc_egress_lock under a spin lock (any kernel). The loader loads one
+ * pair: a 5.10 verifier refuses a program holding a cmpxchg instruction even where it
+ * cannot run.
  *
  * The flow table is a BPF array used as an open-addressing hash table: the flow key's
  * hash picks a home slot, and up to MAX_PROBES slots are tried from there, at home + 0,
  * 1, 3, 6, 10, ... (triangular probing). Unlike a BPF hash
  * map, finding a flow costs no helper call and one random memory access (the slot's two
- * adjacent cache lines), and adding a flow takes one spin lock instead of a bucket lock,
- * a free-list pop and a list insertion.
+ * adjacent cache lines), and adding a flow takes one compare-and-exchange (or one spin
+ * lock) instead of a bucket lock, a free-list pop and a list insertion.
  *
  * Every packet that reaches the program is counted exactly once: in the current table
  * (flows_outer[0]), or, when the MAX_PROBES slots tried hold other flows, as one
@@ -82,8 +88,9 @@ struct {
 	.values = {[0] = &flows_a},
 };
 
-/* Locks that serialise filling an empty slot; slot i uses lock i % LOCK_STRIPES.
- * (A slot cannot hold its own lock: mmapable arrays may not contain a bpf_spin_lock.) */
+/* Locks that serialise filling an empty slot in the *_lock programs; slot i uses lock
+ * i % LOCK_STRIPES. (A slot cannot hold its own lock: mmapable arrays may not contain a
+ * bpf_spin_lock.) */
 struct slot_lock {
 	struct bpf_spin_lock lock;
 };
@@ -389,43 +396,78 @@ static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buf
 	}
 }
 
+/* What filling an empty slot came to. */
+enum fill_result {
+	FILL_OTHER = 0, /* another CPU filled the slot with another flow: probe on */
+	FILL_MINE = 1,  /* the slot holds this flow: filled here, or just now elsewhere */
+	FILL_BUSY = 2,  /* another CPU is filling it, its key not yet visible */
+};
+
+/* Writes a claimed slot: key and first values, then the state, last, so that a CPU that
+ * sees SLOT_READY finds the key in place. */
+static __always_inline void write_slot(struct flow_slot *s, const struct flow_key *key,
+				       const struct flow_value *init)
+{
+	__builtin_memcpy(&s->key, key, sizeof(*key));
+	s->value.first_seen_ns = init->first_seen_ns;
+	s->value.sampling = init->sampling;
+	s->value.dscp = init->dscp;
+	__builtin_memcpy(s->value.src_mac, init->src_mac, ETH_ALEN);
+	__builtin_memcpy(s->value.dst_mac, init->dst_mac, ETH_ALEN);
+	/* A compiler barrier: the state must not be stored before the rest. */
+	asm volatile("" ::: "memory");
+	s->state = SLOT_READY;
+}
+
 /*
- * Fills the empty slot `s` (index `idx`) with the flow `key`, under the slot's lock.
- * Returns 1 when the slot now holds `key`: filled here, or just now by another CPU with
- * the same flow; 0 when another CPU filled it with another flow. The state is stored
- * last, so a CPU that sees SLOT_READY without taking the lock finds the key in place.
+ * Claims the empty slot `s` for `key` with one compare-and-exchange (EMPTY -> BUSY),
+ * then writes it (Linux 5.12+). A slot another CPU is still writing is FILL_BUSY: its
+ * key is unknown, so the caller sends the packet through the ring buffer rather than
+ * wait or risk storing the flow twice; userspace merges it by key.
  */
-static __always_inline int fill_slot(struct flow_slot *s, __u32 idx,
+static __always_inline int claim_slot(struct flow_slot *s, const struct flow_key *key,
+				      const struct flow_value *init)
+{
+	__u32 seen = __sync_val_compare_and_swap(&s->state, SLOT_EMPTY, SLOT_BUSY);
+
+	if (seen == SLOT_EMPTY) {
+		write_slot(s, key, init);
+		return FILL_MINE;
+	}
+	if (seen != SLOT_READY)
+		return FILL_BUSY;
+	return key_equal(&s->key, key) ? FILL_MINE : FILL_OTHER;
+}
+
+/*
+ * Fills the empty slot `s` (index `idx`) with `key` under the slot's spin lock, for
+ * kernels without compare-and-exchange (the *_lock programs). Measured ~50-90 ns more
+ * per new flow than claim_slot: two helper calls, each saving or restoring interrupts.
+ */
+static __always_inline int lock_slot(struct flow_slot *s, __u32 idx,
 				     const struct flow_key *key, const struct flow_value *init)
 {
 	__u32 stripe = idx % LOCK_STRIPES;
 	struct slot_lock *l = bpf_map_lookup_elem(&slot_locks, &stripe);
-	int mine;
+	int result;
 
 	if (!l)
-		return 0;
+		return FILL_BUSY;
 	bpf_spin_lock(&l->lock);
 	if (s->state == SLOT_EMPTY) {
-		__builtin_memcpy(&s->key, key, sizeof(*key));
-		s->value.first_seen_ns = init->first_seen_ns;
-		s->value.sampling = init->sampling;
-		s->value.dscp = init->dscp;
-		__builtin_memcpy(s->value.src_mac, init->src_mac, ETH_ALEN);
-		__builtin_memcpy(s->value.dst_mac, init->dst_mac, ETH_ALEN);
-		/* A compiler barrier: the state must not be stored before the rest. */
-		asm volatile("" ::: "memory");
-		s->state = SLOT_READY;
-		mine = 1;
+		write_slot(s, key, init);
+		result = FILL_MINE;
 	} else {
-		mine = key_equal(&s->key, key);
+		result = key_equal(&s->key, key) ? FILL_MINE : FILL_OTHER;
 	}
 	bpf_spin_unlock(&l->lock);
-	return mine;
+	return result;
 }
 
 /*
- * Cold path, kept out of line: no slot was free around this flow's (or the table is
- * missing), so the packet goes to userspace as one record. Also the function whose
+ * Cold path, kept out of line: no slot was free around this flow's, or its slot was
+ * being claimed by another CPU (or the table is missing), so the packet goes to
+ * userspace as one record. Also the function whose
  * signature puts struct flow_record into the object's BTF (tests/unit/test_layout.py).
  */
 static __noinline void emit_record(struct flow_record *rec)
@@ -436,7 +478,9 @@ static __noinline void emit_record(struct flow_record *rec)
 		count(COUNTER_RINGBUF_RECORDS);
 }
 
-static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
+/* `cmpxchg`: claim new slots with claim_slot (else lock_slot); a constant per program. */
+static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
+				  const int cmpxchg)
 {
 	struct flow_record rec; /* key always written in full; value only for new flows */
 	__u64 buf[5];           /* 40 bytes: the largest header read (IPv6) */
@@ -445,7 +489,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 	void *table;
 	__u32 zero = 0, slots = agent_config.table_slots, idx = 0;
 	__u32 sampling = agent_config.sampling;
-	int i, have_value = 0;
+	int i, filled, have_value = 0;
 	__u64 now;
 
 	if (sampling > 1 && bpf_get_prandom_u32() % sampling != 0)
@@ -486,10 +530,16 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 					new_flow_value(&rec.value, skb, &info, buf, now);
 					have_value = 1;
 				}
-				if (fill_slot(s, idx, &rec.key, &rec.value)) {
+				if (cmpxchg)
+					filled = claim_slot(s, &rec.key, &rec.value);
+				else
+					filled = lock_slot(s, idx, &rec.key, &rec.value);
+				if (filled == FILL_MINE) {
 					add_packet(&s->value, &info, now);
 					return TC_ACT_UNSPEC;
 				}
+				if (filled == FILL_BUSY)
+					break; /* to the ring buffer */
 			}
 			/* Triangular steps (+1, +2, +3, ...): runs of filled slots do not
 			 * merge into long clusters as with linear probing (+1, +1, ...), which
@@ -515,11 +565,23 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction)
 SEC("tc")
 int tc_ingress(struct __sk_buff *skb)
 {
-	return handle(skb, FLOW_DIRECTION_INGRESS);
+	return handle(skb, FLOW_DIRECTION_INGRESS, 1);
 }
 
 SEC("tc")
 int tc_egress(struct __sk_buff *skb)
 {
-	return handle(skb, FLOW_DIRECTION_EGRESS);
+	return handle(skb, FLOW_DIRECTION_EGRESS, 1);
+}
+
+SEC("tc")
+int tc_ingress_lock(struct __sk_buff *skb)
+{
+	return handle(skb, FLOW_DIRECTION_INGRESS, 0);
+}
+
+SEC("tc")
+int tc_egress_lock(struct __sk_buff *skb)
+{
+	return handle(skb, FLOW_DIRECTION_EGRESS, 0);
 }

@@ -220,8 +220,8 @@ def render_docs(matrix: dict) -> str:
         f" (see tests/vm/vm_subset.py).",
         "",
         "| kernel | package | runs in | attach mode | ring buffer | map-in-map "
-        "| coarse clock | tests | result | time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| coarse clock | cmpxchg | tests | result | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for entry in matrix["kernels"]:
         features = entry.get("features") or {}
@@ -233,7 +233,7 @@ def render_docs(matrix: dict) -> str:
         lines.append(
             f"| {entry['kernel']} | {entry['package']} | {where} | {mode} "
             f"| {flag(features, 'ringbuf')} | {flag(features, 'map_in_map')} "
-            f"| {flag(features, 'coarse_clock')} | {tests} "
+            f"| {flag(features, 'coarse_clock')} | {flag(features, 'cmpxchg')} | {tests} "
             f"| {'pass' if entry.get('ok') else 'FAIL'} | {entry['wall_seconds']:.0f} s |")
     failed = [e for e in matrix["kernels"] if e.get("failures") or e.get("error")]
     if failed:
@@ -249,7 +249,8 @@ def render_docs(matrix: dict) -> str:
         "Attach mode is what the agent's feature probe (src/ei_ebpf_agent/ebpf/features.py)"
         " chose on that kernel: TCX links from Linux 6.6, clsact tc filters before.",
         "Ring buffer (5.8) and map-in-map are required; without the coarse clock (5.11) the"
-        " program reads the exact one.",
+        " program reads the exact one, and without compare-and-exchange (cmpxchg, 5.12) the"
+        " loader loads the programs that fill a new flow's slot under a spin lock.",
         "",
     ]
     return "\n".join(lines)

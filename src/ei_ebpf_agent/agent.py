@@ -90,7 +90,7 @@ class Agent:
             features = self._check_kernel()
             program = FlowProgram.load(
                 sampling=settings.sampling, max_flows=settings.cache_max_flows,
-                coarse_clock=features.coarse_clock,
+                coarse_clock=features.coarse_clock, cmpxchg=features.cmpxchg,
             )
             stack.callback(program.close)
             tracer = FlowTracer(program, interfaces_lookup=self._interface_names,

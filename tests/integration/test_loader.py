@@ -232,6 +232,93 @@ def scenario_capacity(args: dict) -> dict:
     return {"rounds": rounds}
 
 
+def scenario_race(args: dict) -> dict:
+    """The same new flows from two CPUs at once (trafgen -P 2), with the programs that
+    claim slots by compare-and-exchange or the ones that take a spin lock."""
+    import ipaddress
+
+    from ei_ebpf_agent.ebpf import features
+    from ei_ebpf_agent.ebpf.loader import FlowProgram
+    from ei_ebpf_agent.flow.tracer import FlowTracer
+
+    cmpxchg = args["fill"] == "cmpxchg"
+    if cmpxchg and not features.probe_cmpxchg():
+        return {"skip": "kernel lacks BPF compare-and-exchange (Linux 5.12): only the "
+                        "spin lock programs load here"}
+    if_index = socket.if_nametoindex(A_DEV)
+    flows, packets = args["flows"], args["packets"]
+    config = (f"{{ eth(da={B_MAC}, sa={A_MAC}), ipv4(sa={A_IP}, da={B_IP}), "
+              f"udp(sp=dinc(30000, {30000 + flows - 1}), dp=40051), fill(0, 18) }}")
+    program = FlowProgram.load(max_flows=2 * flows, cmpxchg=cmpxchg)
+    try:
+        program.attach(if_index, "egress", "any")
+        tracer = FlowTracer(program, interfaces_lookup=lambda: {if_index: A_DEV},
+                            agent_ip=ipaddress.ip_address(A_IP))
+        done = subprocess.run(["trafgen", "-o", A_DEV, "-q", "-t", "0", "-P", "2", "-C",
+                               "-n", str(packets), "-i", "-"],
+                              input=config, capture_output=True, text=True, timeout=100)
+        if done.returncode != 0:
+            return {"error": f"trafgen: {done.stderr.strip()}"}
+        program.detach_all()
+        batch = tracer.evict()
+        tracer.close()
+    finally:
+        program.close()
+    rec = batch.records[batch.records["dst_port"] == 40051]
+    return {
+        "programs": "cmpxchg" if program.cmpxchg else "lock",
+        "rows": len(rec),
+        "ports": len(np.unique(rec["src_port"])),
+        "packets": int(rec["packets"].sum()),
+        "bytes": int(rec["bytes"].sum()),
+    }
+
+
+def scenario_busy(args: dict) -> dict:
+    """Every slot of the active table marked as being claimed (SLOT_BUSY), as if other
+    CPUs were writing them: each packet must go through the ring buffer. Then two more
+    rounds: the other table, then this one again, emptied by its drain."""
+    import ipaddress
+    import mmap
+
+    from ei_ebpf_agent.ebpf import features
+    from ei_ebpf_agent.ebpf.loader import FlowProgram
+    from ei_ebpf_agent.flow.record import FLOW_SLOT, SLOT_BUSY
+    from ei_ebpf_agent.flow.tracer import FlowTracer
+
+    cmpxchg = args["fill"] == "cmpxchg"
+    if cmpxchg and not features.probe_cmpxchg():
+        return {"skip": "kernel lacks BPF compare-and-exchange (Linux 5.12): only the "
+                        "spin lock programs load here"}
+    if_index = socket.if_nametoindex(A_DEV)
+    program = FlowProgram.load(max_flows=64, cmpxchg=cmpxchg)
+    rounds = []
+    try:
+        size = program.table_slots * FLOW_SLOT.itemsize
+        with mmap.mmap(program.map_fds["flows_a"], size, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
+            table = np.frombuffer(mapped, dtype=FLOW_SLOT)
+            table["state"] = SLOT_BUSY  # flows_a is the table the loader makes active
+            del table
+        program.attach(if_index, "egress", "any")
+        tracer = FlowTracer(program, interfaces_lookup=lambda: {if_index: A_DEV},
+                            agent_ip=ipaddress.ip_address(A_IP))
+        for _ in range(3):
+            for port in range(40061, 40061 + args["flows"]):
+                _send_udp(args["packets"], 50, (A_IP, port), (B_IP, 40060))
+            batch = tracer.evict()
+            rounds.append({
+                "flows": [_flow(batch, port, 40060, 1)
+                          for port in range(40061, 40061 + args["flows"])],
+                "ringbuf_records": batch.extra["ringbuf_records"],
+            })
+        program.detach_all()
+        tracer.close()
+    finally:
+        program.close()
+    return {"rounds": rounds}
+
+
 def scenario_vanish(_args: dict) -> dict:
     """Detach from an interface that was deleted meanwhile."""
     from ei_ebpf_agent.ebpf.loader import FlowProgram
@@ -435,6 +522,35 @@ def test_a_table_holds_cache_max_flows_flows_without_the_ring_buffer(netns) -> N
 
 
 @needs_root
+@pytest.mark.skipif(shutil.which("trafgen") is None,
+                    reason="needs trafgen (Debian package netsniff-ng) to send from two CPUs")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to send from two at once")
+@pytest.mark.parametrize("fill", ["cmpxchg", "lock"])
+def test_new_flows_from_two_cpus_at_once_are_one_row_each_and_exact(netns, fill: str) -> None:
+    # Both program pairs: the kernel decides which one the agent loads (5.12+: cmpxchg).
+    # A slot claimed by the other CPU but not yet written sends the packet through the
+    # ring buffer; the eviction merges it into the flow's row.
+    a, _b = netns
+    result = run_in(a, "race", {"fill": fill, "flows": 3000, "packets": 24_000})
+    assert "error" not in result, result.get("error")
+    assert result == {"programs": fill, "rows": 3000, "ports": 3000, "packets": 24_000,
+                      "bytes": 24_000 * (ETH + IPV4 + UDP + 18)}
+
+
+@needs_root
+@pytest.mark.parametrize("fill", ["cmpxchg", "lock"])
+def test_a_slot_being_claimed_by_another_cpu_sends_the_packet_to_the_ring_buffer(
+        netns, fill: str) -> None:
+    a, _b = netns
+    result = run_in(a, "busy", {"fill": fill, "flows": 5, "packets": 10})
+    one_row_each = [{"rows": 1, "packets": 10, "bytes": 10 * (ETH + IPV4 + UDP + 50),
+                     "ip_bytes": 10 * (IPV4 + UDP + 50), "interfaces": [A_DEV]}] * 5
+    first, other_table, drained_table = result["rounds"]
+    assert first == {"flows": one_row_each, "ringbuf_records": 50}
+    assert other_table == drained_table == {"flows": one_row_each, "ringbuf_records": 0}
+
+
+@needs_root
 def test_detaching_from_a_deleted_interface_is_not_an_error(netns) -> None:
     a, _b = netns
     assert run_in(a, "vanish", {}) == {"left": 0}
@@ -466,6 +582,6 @@ def test_modified_object_is_refused_before_loading(tmp_path: Path) -> None:
 if __name__ == "__main__":
     SCENARIOS = {"counts": scenario_counts, "lossless": scenario_lossless,
                  "full": scenario_full, "capacity": scenario_capacity,
-                 "vanish": scenario_vanish,
+                 "race": scenario_race, "busy": scenario_busy, "vanish": scenario_vanish,
                  "send": scenario_send, "load": scenario_load}
     print(json.dumps(SCENARIOS[sys.argv[1]](json.loads(sys.argv[2]))))

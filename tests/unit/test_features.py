@@ -12,17 +12,21 @@ from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature
 
 
 def make(**flags: bool) -> KernelFeatures:
-    base = {"ringbuf": True, "map_in_map": True, "coarse_clock": True, "tcx": True}
+    base = {"ringbuf": True, "map_in_map": True, "coarse_clock": True, "cmpxchg": True,
+            "tcx": True}
     return KernelFeatures(kernel="5.4.0-1-amd64", **{**base, **flags})
 
 
 def test_version_fallback_reads_uname_strings() -> None:
     assert features.kernel_version_fallback("5.10.0-46-amd64") == {
-        "ringbuf": True, "map_in_map": True, "coarse_clock": False, "tcx": False}
+        "ringbuf": True, "map_in_map": True, "coarse_clock": False, "cmpxchg": False,
+        "tcx": False}
     assert features.kernel_version_fallback("6.12.57+deb13-amd64")["tcx"] is True
     assert features.kernel_version_fallback("6.6.0")["tcx"] is True
     assert features.kernel_version_fallback("5.7.19")["ringbuf"] is False
     assert features.kernel_version_fallback("5.11.0")["coarse_clock"] is True
+    assert features.kernel_version_fallback("5.11.0")["cmpxchg"] is False
+    assert features.kernel_version_fallback("5.12.0")["cmpxchg"] is True
 
 
 def test_attach_mode_follows_tcx() -> None:
@@ -47,9 +51,12 @@ def test_one_line_names_what_is_missing_and_the_kernel_needed() -> None:
     assert kernel.missing() == ["ringbuf", "map_in_map"]
 
 
-def test_missing_coarse_clock_is_not_a_problem() -> None:
-    make(coarse_clock=False).check()
-    assert make(coarse_clock=False).problem() is None
+@pytest.mark.parametrize("optional", ["coarse_clock", "cmpxchg"])
+def test_missing_optional_features_are_not_a_problem(optional: str) -> None:
+    make(**{optional: False}).check()
+    assert make(**{optional: False}).problem() is None
+    assert f"{'coarse clock' if optional == 'coarse_clock' else 'compare-and-exchange'} no" \
+        in make(**{optional: False}).describe()
 
 
 def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture,
@@ -69,4 +76,5 @@ def test_a_probe_that_errs_falls_back_to_the_kernel_version(
 
     monkeypatch.setattr(features, "PROBES", {name: denied for name in features.PROBES})
     assert features.probe("6.1.0-56-amd64") == KernelFeatures(
-        kernel="6.1.0-56-amd64", ringbuf=True, map_in_map=True, coarse_clock=True, tcx=False)
+        kernel="6.1.0-56-amd64", ringbuf=True, map_in_map=True, coarse_clock=True, cmpxchg=True,
+        tcx=False)

@@ -3,9 +3,10 @@
 - SHA256SUMS and BUILD-INFO.json match the files.
 - Every program and map the loader expects is in every object (read with a small ELF
   reader: no bpftool or pyelftools needed).
-- The bytecode uses nothing newer than kernel 5.10: plain atomic add only (no fetch/or/
-  cmpxchg, 5.12), helpers up to bpf_redirect_peer (155), no kfunc calls, no cpu v4
-  instructions.
+- The bytecode the loader gives a 5.10 kernel (the *_lock programs and the functions
+  they call) uses nothing newer: plain atomic add only (no fetch/or/cmpxchg, 5.12),
+  helpers up to bpf_redirect_peer (155), no kfunc calls, no cpu v4 instructions. The
+  other pair differs only by compare-and-exchange, which it does use.
 - tools/build_ebpf.py gives byte-identical output twice, and (with the recorded clang)
   exactly the committed objects.
 """
@@ -26,7 +27,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT_DIR = ROOT / "pkg" / "ebpf"
 OBJECT_NAMES = ("flows_bpfeb.o", "flows_bpfel.o")
-PROGRAMS = {"tc_ingress": "tc", "tc_egress": "tc"}  # program -> ELF section
+PROGRAMS = {"tc_ingress": "tc", "tc_egress": "tc",  # program -> ELF section
+            "tc_ingress_lock": "tc", "tc_egress_lock": "tc"}
+LOCK_PROGRAMS = ("tc_ingress_lock", "tc_egress_lock")  # what the loader loads on 5.10/5.11
+BPF_CMPXCHG = 0xF1
 BPF_FUNC_KTIME_GET_COARSE_NS = 160
 MAPS = ("flows_outer", "flows_a", "flows_b", "slot_locks", "flows_ringbuf", "counters")
 LAST_HELPER_IN_5_10 = 155  # BPF_FUNC_redirect_peer
@@ -165,29 +169,55 @@ def test_license_is_gpl_compatible(elf: Elf) -> None:
     assert elf.section("license").data.rstrip(b"\0") == b"Dual BSD/GPL"
 
 
-def test_bytecode_runs_on_kernel_5_10(elf: Elf) -> None:
-    code = [s for s in elf.sections if s.flags & SHF_EXECINSTR and s.data]
-    assert code, "no executable sections"
-    helpers = set()
-    for sec in code:
-        for off in range(0, len(sec.data), 8):
-            op, regs, _off, imm = struct.unpack_from(elf.order + "BBhi", sec.data, off)
+def _instructions(elf: Elf, program: str) -> list[tuple[str, int, int, int, int]]:
+    """(where, opcode, src register, offset, imm) of a program's code, with the .text
+    functions (BPF-to-BPF calls) every program may call."""
+    symbol = next(s for s in elf.symbols if s.name == program and s.type == STT_FUNC)
+    parts = [(program, elf.section(symbol.section).data[symbol.value:symbol.value + symbol.size])]
+    parts += [(s.name, s.data) for s in elf.sections if s.name == ".text" and s.data]
+    out = []
+    for name, code in parts:
+        for off in range(0, len(code), 8):
+            op, regs, insn_off, imm = struct.unpack_from(elf.order + "BBhi", code, off)
             src = regs >> 4 if elf.order == "<" else regs & 0xF
-            where = f"{sec.name}+{off // 8}"
-            if op in (0xC3, 0xDB):  # BPF_STX | BPF_ATOMIC | W/DW
-                assert imm == 0, f"{where}: atomic op {imm:#x} needs kernel 5.12 (only add)"
-            elif op == 0x85:  # BPF_JMP | BPF_CALL
-                assert src != 2, f"{where}: kfunc call"
-                if src == 0:
-                    helpers.add(imm)
-            assert op & 0x07 != 0x01 or op & 0xE0 != 0x80, f"{where}: sign-extending load (v4)"
-            assert op not in (0xD7, 0x06), f"{where}: cpu v4 instruction {op:#x}"
+            out.append((f"{name}+{off // 8}", op, src, insn_off, imm))
+    return out
+
+
+def _atomics_and_helpers(elf: Elf, program: str) -> tuple[set[int], set[int]]:
+    atomics, helpers = set(), set()
+    for where, op, src, _off, imm in _instructions(elf, program):
+        if op in (0xC3, 0xDB):  # BPF_STX | BPF_ATOMIC | W/DW
+            atomics.add(imm)
+        elif op == 0x85:  # BPF_JMP | BPF_CALL
+            assert src != 2, f"{where}: kfunc call"
+            if src == 0:
+                helpers.add(imm)
+        assert op & 0x07 != 0x01 or op & 0xE0 != 0x80, f"{where}: sign-extending load (v4)"
+        assert op not in (0xD7, 0x06), f"{where}: cpu v4 instruction {op:#x}"
+    return atomics, helpers
+
+
+@pytest.mark.parametrize("program", LOCK_PROGRAMS)
+def test_bytecode_runs_on_kernel_5_10(elf: Elf, program: str) -> None:
+    atomics, helpers = _atomics_and_helpers(elf, program)
+    assert atomics == {0}, f"atomic ops {sorted(atomics)}: only add (0) runs before 5.12"
     assert helpers, "no helper calls found: the reader is broken"
     # bpf_ktime_get_coarse_ns (5.11) sits behind agent_config.coarse_clock, which the
     # loader sets only when the kernel has the helper: on 5.10 the verifier drops that
     # branch unvisited (the 5.10 VM of `nox -s vm` loads the object).
     newer = sorted(h for h in helpers if h > LAST_HELPER_IN_5_10)
     assert newer == [BPF_FUNC_KTIME_GET_COARSE_NS], f"helpers newer than 5.10: {newer}"
+
+
+@pytest.mark.parametrize("program", ["tc_ingress", "tc_egress"])
+def test_the_cmpxchg_programs_differ_only_by_compare_and_exchange(elf: Elf,
+                                                                    program: str) -> None:
+    atomics, helpers = _atomics_and_helpers(elf, program)
+    assert atomics == {0, BPF_CMPXCHG}
+    lock_atomics, lock_helpers = _atomics_and_helpers(elf, program + "_lock")
+    # They take no spin lock (helpers 93/94): that is what they save per new flow.
+    assert helpers == lock_helpers - {93, 94}, (helpers, lock_helpers)
 
 
 def _clang() -> str | None:

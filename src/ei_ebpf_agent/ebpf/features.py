@@ -7,6 +7,9 @@ than trusting the version number, because distributions backport BPF features:
 - map-in-map (BPF_MAP_TYPE_ARRAY_OF_MAPS, Linux 4.12): required, the table swap;
 - the coarse clock helper bpf_ktime_get_coarse_ns (Linux 5.11): optional; without it
   the program reads the exact clock, which costs more per packet.
+- atomic compare-and-exchange (BPF_CMPXCHG, Linux 5.12): optional; without it the
+  loader picks the programs that fill a new flow's slot under a spin lock, which costs
+  more per new flow.
 
 Everything else the program uses is older than the ring buffer: mmapable arrays (the
 flow tables, 5.5), bpf_spin_lock (5.1), bounded loops (5.3).
@@ -29,6 +32,7 @@ import logging
 import os
 import platform
 import struct
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -49,6 +53,7 @@ FEATURES: dict[str, tuple[str, str, bool]] = {
     "ringbuf": ("BPF ring buffer maps", "5.8", True),
     "map_in_map": ("BPF map-in-map (ARRAY_OF_MAPS)", "4.12", True),
     "coarse_clock": ("the coarse clock helper bpf_ktime_get_coarse_ns", "5.11", False),
+    "cmpxchg": ("BPF atomic compare-and-exchange", "5.12", False),
     "tcx": ("TCX links", "6.6", False),
 }
 
@@ -63,6 +68,7 @@ class KernelFeatures:
     ringbuf: bool
     map_in_map: bool
     coarse_clock: bool
+    cmpxchg: bool
     tcx: bool
 
     @property
@@ -95,7 +101,8 @@ class KernelFeatures:
 
         mode = "TCX links" if self.tcx else "clsact tc filters (no TCX before Linux 6.6)"
         return (f"kernel {self.kernel}: attaching with {mode}; ring buffer {word(self.ringbuf)}, "
-                f"map-in-map {word(self.map_in_map)}, coarse clock {word(self.coarse_clock)}")
+                f"map-in-map {word(self.map_in_map)}, coarse clock {word(self.coarse_clock)}, "
+                f"compare-and-exchange {word(self.cmpxchg)}")
 
     def log_once(self) -> None:
         if not _logged:
@@ -152,6 +159,30 @@ def probe_coarse_clock() -> bool:
 
 # r0 = -1 (TC_ACT_UNSPEC / TCX_NEXT); exit. struct bpf_insn: u8 code, u8 regs, s16 off, s32 imm
 _RETURN_MINUS_ONE = struct.pack("=BBhi", 0xB7, 0, 0, -1) + struct.pack("=BBhi", 0x95, 0, 0, 0)
+# *(u32 *)(r10 - 4) = 0; r0 = 0; r1 = 1; w0 = cmpxchg32(r10 - 4, w0, w1); then the above.
+# regs: dst in the low nibble, src in the high one (little-endian hosts only: the agent
+# runs the bpfel object there; on big-endian ones the probe errs and the version decides).
+_CMPXCHG32 = (struct.pack("=BBhi", 0x62, 0x0A, -4, 0)        # BPF_ST | BPF_MEM | BPF_W
+              + struct.pack("=BBhi", 0xB7, 0x00, 0, 0)
+              + struct.pack("=BBhi", 0xB7, 0x01, 0, 1)
+              + struct.pack("=BBhi", 0xC3, 0x1A, -4, 0xF1)   # BPF_STX | BPF_ATOMIC | BPF_W
+              + _RETURN_MINUS_ONE)
+
+
+def probe_cmpxchg() -> bool:
+    """Whether the verifier accepts BPF_CMPXCHG (5.10 rejects its instruction outright)."""
+    if sys.byteorder != "little":
+        raise OSError(errno.ENOTSUP, "the probe's instructions are little-endian")
+    insns = ctypes.create_string_buffer(_CMPXCHG32, len(_CMPXCHG32))
+    try:
+        prog = _lib["bpf_prog_load"](BPF_PROG_TYPE_SCHED_CLS, b"ei_probe", b"GPL", insns,
+                                    len(_CMPXCHG32) // 8, None)
+    except LibbpfError as error:
+        if error.errno == errno.EINVAL:
+            return False
+        raise
+    _close(prog)
+    return True
 
 
 def probe_tcx() -> bool:
@@ -174,6 +205,7 @@ PROBES: dict[str, Callable[[], bool]] = {
     "ringbuf": probe_ringbuf,
     "map_in_map": probe_map_in_map,
     "coarse_clock": probe_coarse_clock,
+    "cmpxchg": probe_cmpxchg,
     "tcx": probe_tcx,
 }
 

@@ -222,6 +222,7 @@ _SIGNATURES: dict = {
     ),
     "bpf_map__fd": ([POINTER(bpf_map)], c_int, _check_int, False),
     "bpf_program__fd": ([POINTER(bpf_program)], c_int, _check_int, False),
+    "bpf_program__set_autoload": ([POINTER(bpf_program), c_bool], c_int, _check_int, False),
     "bpf_map_update_elem": ([c_int, c_void_p, c_void_p, c_uint64], c_int, _check_int, False),
     "bpf_map_lookup_elem": ([c_int, c_void_p, c_void_p], c_int, _check_int, False),
     "bpf_obj_get_info_by_fd": (

@@ -36,7 +36,10 @@ from ei_ebpf_agent.privileges import missing_message
 
 log = logging.getLogger(__name__)
 
+# direction -> program, by how a new flow claims its slot: compare-and-exchange (Linux
+# 5.12+) or a spin lock (any kernel; a 5.10 verifier refuses the cmpxchg programs).
 PROGRAMS = {"ingress": "tc_ingress", "egress": "tc_egress"}
+LOCK_PROGRAMS = {"ingress": "tc_ingress_lock", "egress": "tc_egress_lock"}
 MAPS = ("flows_outer", "flows_a", "flows_b", "slot_locks", "flows_ringbuf", "counters")
 TABLES = ("flows_a", "flows_b")
 # Slots per flow of CACHE_MAX_FLOWS: a table at most half full keeps the probe sequences
@@ -179,7 +182,7 @@ class _Qdisc:
 class FlowProgram:
     """The loaded flow object: program and map fds, and the attachments made with it."""
 
-    def __init__(self, obj: Any, buffer: Any, name: str) -> None:
+    def __init__(self, obj: Any, buffer: Any, name: str, cmpxchg: bool = True) -> None:
         self._obj = obj
         self._buffer = buffer  # libbpf reads the ELF from it until the object is closed
         self._stack = contextlib.ExitStack()  # replaced by load() with the real teardown
@@ -187,9 +190,10 @@ class FlowProgram:
         self._lock = threading.Lock()
         self._attachments: list[Attachment] = []
         self._qdiscs: dict[int, _Qdisc] = {}
+        self.cmpxchg = cmpxchg
         self.prog_fds = {
             direction: libbpf.bpf_program__fd(self._program(prog))
-            for direction, prog in PROGRAMS.items()
+            for direction, prog in (PROGRAMS if cmpxchg else LOCK_PROGRAMS).items()
         }
         self.map_fds = {name: libbpf.bpf_map__fd(self._map(name)) for name in MAPS}
         self.table_slots = libbpf.bpf_map__max_entries(self._map("flows_a"))
@@ -201,16 +205,20 @@ class FlowProgram:
     @classmethod
     def load(cls, *, sampling: int = 0, max_flows: int = 5000,
              ringbuf_bytes: int | None = None, objects: Any = None,
-             coarse_clock: bool | None = None) -> FlowProgram:
+             coarse_clock: bool | None = None, cmpxchg: bool | None = None) -> FlowProgram:
         """Verify, open, configure and load the embedded object.
 
         `objects` is a directory (Traversable or Path) holding the object and SHA256SUMS;
         by default the package's `ebpf_objects`. `coarse_clock`: time flows with the
         kernel's tick-precise clock (default: when the kernel has it, Linux 5.11+).
+        `cmpxchg`: load the programs that claim a new flow's slot with compare-and-exchange
+        rather than a spin lock (default: when the kernel has it, Linux 5.12+).
         Raises AgentStartError with one line.
         """
         if coarse_clock is None:
-            coarse_clock = _kernel_has_coarse_clock()
+            coarse_clock = _kernel_has("coarse_clock")
+        if cmpxchg is None:
+            cmpxchg = _kernel_has("cmpxchg")
         name = object_name()
         data = read_verified_object(objects, name)
         buffer = ctypes.create_string_buffer(data, len(data))
@@ -221,7 +229,7 @@ class FlowProgram:
             except LibbpfError as error:
                 raise AgentStartError(f"cannot open eBPF object {name}: {error}") from error
             stack.callback(libbpf.bpf_object__close, obj)
-            _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock)
+            _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock, cmpxchg)
             try:
                 with contextlib.ExitStack() as tables:
                     _create_tables(obj, SLOTS_PER_FLOW * max_flows, tables)
@@ -234,16 +242,17 @@ class FlowProgram:
                 raise AgentStartError(
                     f"cannot load eBPF object {name}: {error} (libbpf's log says why)"
                 ) from error
-            program = cls(obj, buffer, name)
+            program = cls(obj, buffer, name, cmpxchg)
             program._stack = stack.pop_all()
         try:
             program._check_maps()
         except BaseException:
             program.close()
             raise
-        log.info("loaded %s (libbpf %s): %d flows per table (%d slots), sampling %d, %s clock",
-                 name, libbpf.version(), program.max_flows, program.table_slots, sampling,
-                 "coarse" if coarse_clock else "exact")
+        log.info("loaded %s (libbpf %s): %d flows per table (%d slots), sampling %d, %s clock, "
+                 "new flows claim slots by %s", name, libbpf.version(), program.max_flows,
+                 program.table_slots, sampling, "coarse" if coarse_clock else "exact",
+                 "compare-and-exchange" if cmpxchg else "spin lock")
         return program
 
     def _map(self, name: str) -> Any:
@@ -441,18 +450,19 @@ class FlowProgram:
         self._stack.close()
 
 
-def _kernel_has_coarse_clock() -> bool:
+def _kernel_has(feature: str) -> bool:
+    """An optional kernel feature (features.PROBES), probed, else guessed from the version."""
     from ei_ebpf_agent.ebpf import features
 
     try:
-        return features.probe_coarse_clock()
+        return features.PROBES[feature]()
     except (OSError, AttributeError):
-        return features.kernel_version_fallback(os.uname().release)["coarse_clock"]
+        return features.kernel_version_fallback(os.uname().release)[feature]
 
 
 def _configure(obj: Any, name: str, sampling: int, max_flows: int,
-               ringbuf_bytes: int | None, coarse_clock: bool) -> None:
-    """Set .rodata agent_config and map sizes before load."""
+               ringbuf_bytes: int | None, coarse_clock: bool, cmpxchg: bool) -> None:
+    """Set .rodata agent_config and map sizes before load; pick the programs to load."""
 
     def find(map_name: str) -> Any:
         try:
@@ -460,11 +470,13 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
         except LibbpfError as error:
             raise AgentStartError(f"eBPF object {name} has no map {map_name}") from error
 
-    for prog in PROGRAMS.values():
-        try:
-            libbpf.bpf_object__find_program_by_name(obj, prog.encode())
-        except LibbpfError as error:
-            raise AgentStartError(f"eBPF object {name} has no program {prog}") from error
+    for programs in (PROGRAMS, LOCK_PROGRAMS):
+        for prog in programs.values():
+            try:
+                found = libbpf.bpf_object__find_program_by_name(obj, prog.encode())
+            except LibbpfError as error:
+                raise AgentStartError(f"eBPF object {name} has no program {prog}") from error
+            libbpf.bpf_program__set_autoload(found, (programs is PROGRAMS) == cmpxchg)
     rodata = find(".rodata")  # found by its real name, whatever prefix libbpf gives it
     size = ctypes.c_size_t(0)
     current = libbpf.bpf_map__initial_value(rodata, ctypes.byref(size))

@@ -69,6 +69,7 @@ FLOW_SLOT = np.dtype(
 )
 SLOT_EMPTY = 0
 SLOT_READY = 1
+SLOT_BUSY = 2  # claimed by a CPU that is writing its key; never left so in an idle table
 
 # struct agent_config (24 bytes): the whole .rodata section.
 AGENT_CONFIG = np.dtype(

@@ -36,6 +36,7 @@ from ei_ebpf_agent.flow.record import (
     FLOW_RECORD,
     FLOW_SLOT,
     FLOW_VALUE,
+    SLOT_EMPTY,
     SLOT_KEY_OFFSET,
     SLOT_READY,
     SLOT_VALUE_OFFSET,
@@ -220,15 +221,17 @@ class FlowTracer:
 
 def _take_window(fd: int, first: int, count: int) -> np.ndarray:
     """Copies of the filled slots among `count` slots from `first` (raw bytes, one row
-    each), which are zeroed: empty again for the table's next turn as the active one."""
+    each). Every slot not empty is zeroed, empty again for the table's next turn as the
+    active one: the READY ones taken, and any other (a claim that cannot be unfinished
+    in an idle table, but would otherwise hold its slot for good)."""
     with mmap.mmap(fd, count * _SLOT_SIZE, flags=mmap.MAP_SHARED,
                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=first * _SLOT_SIZE) as mapped:
         window = np.frombuffer(mapped, dtype=np.uint8, count=count * _SLOT_SIZE)
         window = window.reshape(count, _SLOT_SIZE)
         try:
-            filled = np.flatnonzero(window[:, :4].view(np.uint32)[:, 0] == SLOT_READY)
-            rows = window[filled]
-            window[filled] = 0
+            state = window[:, :4].view(np.uint32)[:, 0].copy()  # not a view: see below
+            rows = window[state == SLOT_READY]
+            window[np.flatnonzero(state != SLOT_EMPTY)] = 0
         finally:
             del window  # no view may outlive the mapping
     return rows
