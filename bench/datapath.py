@@ -13,7 +13,9 @@ two flows (A egress, B ingress).
   (b) 50,000 flows (25,000 5-tuples), packets cycling over all of them, so every
       packet finds its flow cache-cold;
   (b2) the same with 100,000 flows (50,000 5-tuples): no target, shown for scale;
-  (c) a new flow in every packet (the table is evicted between rounds).
+  (c) a new flow in every packet (the table is evicted between rounds);
+  (c-lock) the same with the programs kernels before 5.12 get, which fill a new flow's
+      slot under a spin lock instead of a compare-and-exchange: no target, for scale.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Case:
     max_flows: int  # CACHE_MAX_FLOWS: the flows the case makes (the default for (a))
     target_ns: float | None  # agent ns/packet, stats floor included (from the issue)
     netobserv_ns: str  # the NetObserv program, features off, same machine class (DESIGN §3)
+    cmpxchg: bool | None = None  # None: the programs the kernel gets; False: spin lock ones
 
 
 CASES = (
@@ -49,6 +52,8 @@ CASES = (
     Case("b", "50k flows, cache-cold", 25_000, 50_000, 300, "~470-500"),
     Case("b2", "100k flows, cache-cold", 50_000, 100_000, None, ""),
     Case("c", "new flow every packet", 0, 150_000, 400, "~900"),
+    Case("c-lock", "new flow every packet, spin lock programs", 0, 150_000, None, "",
+         cmpxchg=False),
 )
 
 
@@ -132,7 +137,7 @@ def run(topo, quick: bool) -> list[dict]:
     out = []
     try:
         for case in CASES:
-            program = FlowProgram.load(max_flows=case.max_flows)
+            program = FlowProgram.load(max_flows=case.max_flows, cmpxchg=case.cmpxchg)
             try:
                 attach_agent(topo, program)
                 sampler = _Sampler(empty_fd, program)
