@@ -46,6 +46,9 @@ struct flow_value {
 	__u8 _pad1[4];
 };
 _Static_assert(sizeof(struct flow_value) == 64, "flow_value must fit one cache line");
+_Static_assert(
+	__builtin_offsetof(struct flow_value, tcp_flags) % 4 == 0,
+	"tcp_flags must start a 32-bit word: the program ORs into that word atomically");
 
 /* SYN+ACK, FIN+ACK, RST+ACK seen in one packet (pbflow "flags" semantics). */
 #define FLOW_FLAG_SYN_ACK 0x100

@@ -59,6 +59,12 @@
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
+/* Where tcp_flags (16 bits) sits in the 32-bit word it starts. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define TCP_FLAGS_WORD_SHIFT 0
+#else
+#define TCP_FLAGS_WORD_SHIFT 16
+#endif
 
 /* Load-time configuration set by the loader: the whole .rodata section. */
 const volatile struct agent_config agent_config = {.table_slots = FLOW_TABLE_SLOTS};
@@ -339,19 +345,27 @@ static __always_inline __u64 now_ns(void)
 /*
  * Adds one packet to a flow. packets/bytes/ip_bytes use atomic adds (XADD, result
  * unused) so no increment is lost between CPUs. last_seen_ns is a plain store (any
- * CPU's recent time is right). tcp_flags is written only when the packet adds a bit,
- * without an atomic OR (5.12+, and only 32/64-bit): two CPUs adding different new bits
- * to one flow in the same instant may lose one of them; counts are unaffected.
+ * CPU's recent time is right). tcp_flags is written only when the packet adds a bit:
+ * with an atomic OR where the kernel has one (`atomic_or`: the cmpxchg programs,
+ * 5.12+), else with a plain one, where two CPUs adding different new bits to one flow
+ * in the same instant may lose one of them (counts are unaffected).
  */
 static __always_inline void add_packet(struct flow_value *v, const struct pkt_info *info,
-				       __u64 now)
+				       __u64 now, const int atomic_or)
 {
 	__sync_fetch_and_add(&v->packets, 1);
 	__sync_fetch_and_add(&v->bytes, info->len);
 	if (info->ip_bytes)
 		__sync_fetch_and_add(&v->ip_bytes, info->ip_bytes);
 	v->last_seen_ns = now;
-	if ((v->tcp_flags | info->tcp_flags) != v->tcp_flags)
+	if ((v->tcp_flags | info->tcp_flags) == v->tcp_flags)
+		return;
+	if (atomic_or)
+		/* BPF atomics are 32/64-bit: OR into the aligned word of tcp_flags, dscp and
+		 * padding, with zeros for the last two. */
+		__sync_fetch_and_or((__u32 *)&v->tcp_flags,
+				    (__u32)info->tcp_flags << TCP_FLAGS_WORD_SHIFT);
+	else
 		v->tcp_flags |= info->tcp_flags;
 }
 
@@ -520,7 +534,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 				break;
 			if (*(volatile __u32 *)&s->state == SLOT_READY) {
 				if (key_equal(&s->key, &rec.key)) {
-					add_packet(&s->value, &info, now);
+					add_packet(&s->value, &info, now, cmpxchg);
 					return TC_ACT_UNSPEC;
 				}
 			} else {
@@ -535,7 +549,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 				else
 					filled = lock_slot(s, idx, &rec.key, &rec.value);
 				if (filled == FILL_MINE) {
-					add_packet(&s->value, &info, now);
+					add_packet(&s->value, &info, now, cmpxchg);
 					return TC_ACT_UNSPEC;
 				}
 				if (filled == FILL_BUSY)

@@ -6,7 +6,7 @@
 - The bytecode the loader gives a 5.10 kernel (the *_lock programs and the functions
   they call) uses nothing newer: plain atomic add only (no fetch/or/cmpxchg, 5.12),
   helpers up to bpf_redirect_peer (155), no kfunc calls, no cpu v4 instructions. The
-  other pair differs only by compare-and-exchange, which it does use.
+  other pair differs only by compare-and-exchange and atomic OR (5.12), which it uses.
 - tools/build_ebpf.py gives byte-identical output twice, and (with the recorded clang)
   exactly the committed objects.
 """
@@ -30,7 +30,7 @@ OBJECT_NAMES = ("flows_bpfeb.o", "flows_bpfel.o")
 PROGRAMS = {"tc_ingress": "tc", "tc_egress": "tc",  # program -> ELF section
             "tc_ingress_lock": "tc", "tc_egress_lock": "tc"}
 LOCK_PROGRAMS = ("tc_ingress_lock", "tc_egress_lock")  # what the loader loads on 5.10/5.11
-BPF_CMPXCHG = 0xF1
+BPF_OR, BPF_CMPXCHG = 0x40, 0xF1  # BPF_ATOMIC imm (Linux 5.12)
 BPF_FUNC_KTIME_GET_COARSE_NS = 160
 MAPS = ("flows_outer", "flows_a", "flows_b", "slot_locks", "flows_ringbuf", "counters")
 LAST_HELPER_IN_5_10 = 155  # BPF_FUNC_redirect_peer
@@ -211,10 +211,10 @@ def test_bytecode_runs_on_kernel_5_10(elf: Elf, program: str) -> None:
 
 
 @pytest.mark.parametrize("program", ["tc_ingress", "tc_egress"])
-def test_the_cmpxchg_programs_differ_only_by_compare_and_exchange(elf: Elf,
-                                                                    program: str) -> None:
+def test_the_cmpxchg_programs_differ_only_by_their_5_12_atomics(elf: Elf, program: str) -> None:
     atomics, helpers = _atomics_and_helpers(elf, program)
-    assert atomics == {0, BPF_CMPXCHG}
+    # add; or (TCP flags: no flag lost between CPUs); compare-and-exchange (new slots)
+    assert atomics == {0, BPF_OR, BPF_CMPXCHG}
     lock_atomics, lock_helpers = _atomics_and_helpers(elf, program + "_lock")
     # They take no spin lock (helpers 93/94): that is what they save per new flow.
     assert helpers == lock_helpers - {93, 94}, (helpers, lock_helpers)

@@ -7,9 +7,10 @@ than trusting the version number, because distributions backport BPF features:
 - map-in-map (BPF_MAP_TYPE_ARRAY_OF_MAPS, Linux 4.12): required, the table swap;
 - the coarse clock helper bpf_ktime_get_coarse_ns (Linux 5.11): optional; without it
   the program reads the exact clock, which costs more per packet.
-- atomic compare-and-exchange (BPF_CMPXCHG, Linux 5.12): optional; without it the
-  loader picks the programs that fill a new flow's slot under a spin lock, which costs
-  more per new flow.
+- atomic compare-and-exchange (BPF_CMPXCHG, Linux 5.12, with the other atomics the
+  programs use then: atomic OR): optional; without it the loader picks the programs
+  that fill a new flow's slot under a spin lock, which costs more per new flow, and OR
+  TCP flags without an atomic.
 
 Everything else the program uses is older than the ring buffer: mmapable arrays (the
 flow tables, 5.5), bpf_spin_lock (5.1), bounded loops (5.3).
