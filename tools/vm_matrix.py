@@ -269,7 +269,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per kernel")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--docs", type=Path, default=DOCS, help="table to write ('' = none)")
+    parser.add_argument("--docs", default=str(DOCS), help="table to write ('' = none)")
     parser.add_argument("--docs-only", action="store_true",
                         help="only regenerate the table from the last matrix.json")
     parser.add_argument("--fetch-only", action="store_true", help="download kernels only")
@@ -288,7 +288,7 @@ def write_docs(matrix: dict, path: Path | None) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     results: Path = args.results.resolve()
-    docs = Path(args.docs) if str(args.docs) else None
+    docs = Path(args.docs) if args.docs else None  # not Path(""): that is "."
     if args.docs_only:
         write_docs(json.loads((results / "matrix.json").read_text()), docs)
         return 0

@@ -49,3 +49,9 @@ def test_table_has_one_row_per_kernel_and_lists_failures() -> None:
     assert "TCX" in rows[1] and "| host |" in rows[1] and "| pass |" in rows[1]
     assert "commit `abc123`" in text
     assert "- 5.10.0-46-amd64: `t::x` (failed): assert 1 == 2" in text
+
+
+def test_docs_can_be_turned_off_with_an_empty_path() -> None:
+    # Path("") is ".", a directory: the table would be written there and fail at the end.
+    assert vm_matrix.parse_args(["--docs", ""]).docs == ""
+    assert vm_matrix.parse_args([]).docs == str(vm_matrix.DOCS)
