@@ -193,7 +193,7 @@ class FlowProgram:
         self.cmpxchg = cmpxchg
         self.prog_fds = {
             direction: libbpf.bpf_program__fd(self._program(prog))
-            for direction, prog in (PROGRAMS if cmpxchg else LOCK_PROGRAMS).items()
+            for direction, prog in _programs(cmpxchg).items()
         }
         self.map_fds = {name: libbpf.bpf_map__fd(self._map(name)) for name in MAPS}
         self.table_slots = libbpf.bpf_map__max_entries(self._map("flows_a"))
@@ -450,6 +450,11 @@ class FlowProgram:
         self._stack.close()
 
 
+def _programs(cmpxchg: bool) -> dict[str, str]:
+    """direction -> program of the pair that load() loads (the other is never loaded)."""
+    return PROGRAMS if cmpxchg else LOCK_PROGRAMS
+
+
 def _kernel_has(feature: str) -> bool:
     """An optional kernel feature (features.PROBES), probed, else guessed from the version."""
     from ei_ebpf_agent.ebpf import features
@@ -476,7 +481,7 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
                 found = libbpf.bpf_object__find_program_by_name(obj, prog.encode())
             except LibbpfError as error:
                 raise AgentStartError(f"eBPF object {name} has no program {prog}") from error
-            libbpf.bpf_program__set_autoload(found, (programs is PROGRAMS) == cmpxchg)
+            libbpf.bpf_program__set_autoload(found, programs is _programs(cmpxchg))
     rodata = find(".rodata")  # found by its real name, whatever prefix libbpf gives it
     size = ctypes.c_size_t(0)
     current = libbpf.bpf_map__initial_value(rodata, ctypes.byref(size))
