@@ -133,7 +133,34 @@ def python_binds() -> list[str]:
     return sorted(dirs)
 
 
+GUEST_STARTED = "guest.sh: started"  # first line tests/vm/guest.sh prints
+BOOT_ATTEMPTS = 3
+
+
+def crashed_before_guest(console: str) -> bool:
+    """A kernel that panicked before our guest script ran: nothing of ours was loaded yet,
+    so the crash is the emulator's (software-emulated boots panic now and then with
+    "Oops: int3" while the kernel patches its own code), and booting again is fair.
+    A crash after the script started is a test failure and is never retried."""
+    return GUEST_STARTED not in console and re.search(r"Kernel panic|Oops", console) is not None
+
+
 def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> float:
+    started = time.monotonic()
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        console = boot_vm(kernel, out, args, started + args.timeout)
+        if attempt == BOOT_ATTEMPTS or not crashed_before_guest(console):
+            break
+        kept = out / f"console.boot{attempt}.log"
+        (out / "console.log").rename(kept)
+        log(f"vm: {kernel.series}: the kernel crashed while booting, before the tests "
+            f"started ({kept.name}); booting again ({attempt + 1} of {BOOT_ATTEMPTS})")
+    return time.monotonic() - started
+
+
+def boot_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace,
+            deadline: float) -> str:
+    """Boot once, run the guest, and return the console output."""
     kvm = kvm_usable(kernel, args.kvm)
     guest = [str(ROOT / "tests/vm/guest.sh"), sys.executable, str(out), *python_binds(), "--",
              "--label", kernel.series, "--subset", args.subset, "--where", "vm",
@@ -146,16 +173,16 @@ def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> fl
         command.insert(3, "--disable-kvm")
     log(f"vm: booting {kernel.package} {kernel.version} "
         f"({'KVM' if kvm else 'software emulation'})")
-    started = time.monotonic()
+    lines = []
     with open(out / "console.log", "w", encoding="utf-8", errors="replace") as console:
         process = subprocess.Popen(command, cwd=ROOT, env=vng_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, errors="replace",
                                    start_new_session=True)
         assert process.stdout is not None
         try:
-            deadline = started + args.timeout
             for line in process.stdout:
                 console.write(line)
+                lines.append(line)
                 if args.verbose or not KERNEL_LOG.match(line) or KERNEL_ALERT.search(line):
                     sys.stdout.write(f"  [{kernel.series}] {line}")
                     sys.stdout.flush()
@@ -166,7 +193,7 @@ def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> fl
             log(f"vm: {kernel.series}: no result after {args.timeout} s, stopping the VM")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return time.monotonic() - started
+    return "".join(lines)
 
 
 def run_host(out: Path, args: argparse.Namespace) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
@@ -55,3 +56,56 @@ def test_docs_can_be_turned_off_with_an_empty_path() -> None:
     # Path("") is ".", a directory: the table would be written there and fail at the end.
     assert vm_matrix.parse_args(["--docs", ""]).docs == ""
     assert vm_matrix.parse_args([]).docs == str(vm_matrix.DOCS)
+
+
+KERNEL = types.SimpleNamespace(series="6.12")  # what run_vm reads of a vm_kernels.Kernel
+BOOT_PANIC = """[    1.451200] PCI: Using host bridge windows from ACPI
+[    2.678577] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI
+[    2.684165] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+
+
+def test_only_a_crash_before_the_guest_script_is_booted_again() -> None:
+    assert vm_matrix.crashed_before_guest(BOOT_PANIC)
+    # after the guest started, a crash may be ours (a program the tests loaded): a failure
+    after_start = f"{vm_matrix.GUEST_STARTED}\nguest: kernel 6.12\n{BOOT_PANIC}"
+    assert not vm_matrix.crashed_before_guest(after_start)
+    # a clean boot that ended without results (timeout, 9p error) is not retried either
+    assert not vm_matrix.crashed_before_guest("[    6.03] reboot: Power down\n")
+
+
+def test_the_guest_script_prints_the_marker_first() -> None:
+    script = (TOOLS.parent / "tests/vm/guest.sh").read_text().splitlines()
+    commands = [line for line in script if line.strip() and not line.startswith("#")]
+    assert commands[:2] == ["set -u", f'echo "{vm_matrix.GUEST_STARTED}"']
+
+
+def test_a_boot_crash_is_booted_again_and_its_console_kept(tmp_path, monkeypatch) -> None:
+    consoles = [BOOT_PANIC, f"{vm_matrix.GUEST_STARTED}\nguest: summary ok=True\n"]
+
+    def boot(kernel, out, args, deadline):  # noqa: ANN001, ANN202
+        text = consoles.pop(0)
+        (out / "console.log").write_text(text)
+        return text
+
+    monkeypatch.setattr(vm_matrix, "boot_vm", boot)
+    args = vm_matrix.parse_args([])
+    vm_matrix.run_vm(KERNEL, tmp_path, args)  # type: ignore[arg-type]
+    assert consoles == []
+    assert (tmp_path / "console.boot1.log").read_text() == BOOT_PANIC
+    assert vm_matrix.GUEST_STARTED in (tmp_path / "console.log").read_text()
+
+
+def test_boot_crashes_stop_after_the_last_attempt(tmp_path, monkeypatch) -> None:
+    boots = []
+
+    def boot(kernel, out, args, deadline):  # noqa: ANN001, ANN202
+        boots.append(1)
+        (out / "console.log").write_text(BOOT_PANIC)
+        return BOOT_PANIC
+
+    monkeypatch.setattr(vm_matrix, "boot_vm", boot)
+    vm_matrix.run_vm(KERNEL, tmp_path, vm_matrix.parse_args([]))  # type: ignore[arg-type]
+    assert len(boots) == vm_matrix.BOOT_ATTEMPTS
+    # the last crash stays in console.log, where the failure report points
+    assert (tmp_path / "console.log").read_text() == BOOT_PANIC

@@ -7,6 +7,8 @@
 # exported a second time (virtme-ng --rodir=/mnt=/); remount it with cache=loose and
 # bind the Python prefixes and the checkout's code from it, so files are read once.
 set -u
+# tools/vm_matrix.py: a kernel crash before this line is the boot's, not a test's
+echo "guest.sh: started"
 python=$1 out=$2
 shift 2
 # the 9p tag of the --rodir mounted on /mnt (virtme_initmountN=/mnt on the command line)
