@@ -242,7 +242,7 @@ def scenario_race(args: dict) -> dict:
     claim slots by compare-and-exchange or the ones that take a spin lock."""
     import ipaddress
 
-    from ei_ebpf_agent.ebpf import features
+    from ei_ebpf_agent.ebpf import features, libbpf
     from ei_ebpf_agent.ebpf.loader import FlowProgram
     from ei_ebpf_agent.flow.tracer import FlowTracer
 
@@ -255,6 +255,7 @@ def scenario_race(args: dict) -> dict:
               f"udp(sp=dinc(30000, {30000 + flows - 1}), dp=40051), fill(0, 18) }}")
     program = FlowProgram.load(max_flows=2 * flows, cmpxchg=cmpxchg)
     try:
+        locks = libbpf.map_info(program.map_fds["slot_locks"]).max_entries
         program.attach(if_index, "egress", "any")
         tracer = FlowTracer(program, interfaces_lookup=lambda: {if_index: A_DEV},
                             agent_ip=ipaddress.ip_address(A_IP))
@@ -271,6 +272,7 @@ def scenario_race(args: dict) -> dict:
     rec = batch.records[batch.records["dst_port"] == 40051]
     return {
         "programs": "cmpxchg" if program.cmpxchg else "lock",
+        "slot_locks": locks,
         "rows": len(rec),
         "ports": len(np.unique(rec["src_port"])),
         "packets": int(rec["packets"].sum()),
@@ -536,7 +538,9 @@ def test_new_flows_from_two_cpus_at_once_are_one_row_each_and_exact(netns, fill:
     a, _b = netns
     result = run_in(a, "race", {"fill": fill, "flows": 3000, "packets": 24_000})
     assert "error" not in result, result.get("error")
-    assert result == {"programs": fill, "rows": 3000, "ports": 3000, "packets": 24_000,
+    # The lock stripes are the lock programs' alone: one entry when they are not loaded.
+    assert result == {"programs": fill, "slot_locks": 1 if fill == "cmpxchg" else 1024,
+                      "rows": 3000, "ports": 3000, "packets": 24_000,
                       "bytes": 24_000 * (ETH + IPV4 + UDP + 18)}
 
 

@@ -498,6 +498,8 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
     libbpf.bpf_map__set_initial_value(rodata, value, len(data))
     if ringbuf_bytes:
         libbpf.bpf_map__set_max_entries(find("flows_ringbuf"), ringbuf_bytes)
+    if cmpxchg:  # only the *_lock programs take slot locks: keep one instead of 1,024
+        libbpf.bpf_map__set_max_entries(find("slot_locks"), 1)
     for map_name in MAPS:
         find(map_name)
 
