@@ -315,6 +315,7 @@ def scenario_busy(args: dict) -> dict:
             rounds.append({
                 "flows": [_flow(batch, port, 40060, 1)
                           for port in range(40061, 40061 + args["flows"])],
+                "table_flows": batch.extra["table_flows"],
                 "ringbuf_records": batch.extra["ringbuf_records"],
             })
         program.detach_all()
@@ -553,8 +554,16 @@ def test_a_slot_being_claimed_by_another_cpu_sends_the_packet_to_the_ring_buffer
     one_row_each = [{"rows": 1, "packets": 10, "bytes": 10 * (ETH + IPV4 + UDP + 50),
                      "ip_bytes": 10 * (IPV4 + UDP + 50), "interfaces": [A_DEV]}] * 5
     first, other_table, drained_table = result["rounds"]
-    assert first == {"flows": one_row_each, "ringbuf_records": 50}
-    assert other_table == drained_table == {"flows": one_row_each, "ringbuf_records": 0}
+    # Nothing could be stored in the table, so our 50 packets came through the ring
+    # buffer, with whatever else the interface sent meanwhile (IPv6 router solicitations
+    # and MLD reports of the veth: not ours, so the record count is a lower bound).
+    assert first["flows"] == one_row_each
+    assert first["table_flows"] == 0
+    assert first["ringbuf_records"] >= 50
+    # The drain freed the busy slots: the ring buffer is not used any more.
+    for later in (other_table, drained_table):
+        assert later["flows"] == one_row_each
+        assert later["ringbuf_records"] == 0
 
 
 @needs_root
