@@ -167,3 +167,31 @@ def test_empty_batch_gives_no_message() -> None:
 def test_max_flows_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_flows"):
         pbwire.encode_batch(make_batch(np.zeros(1, FLOW_RECORD)), 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_are_joined_exactly_whatever_their_pieces(seed: int) -> None:
+    # Pieces are stored 8 bytes at a time: the unused bytes of a row's last pieces
+    # (8 of them for an empty last piece) run into the next row and must not survive.
+    rng = np.random.default_rng(seed)
+    rows, columns = 500, 12
+    used = rng.integers(0, 9, (rows, columns))
+    used[:, -3:] = rng.integers(0, 2, (rows, 3))  # short and empty pieces at row ends
+    used[:, 0] = np.maximum(used[:, 0], 8 - used[:, 1:].sum(axis=1).clip(max=8))  # >= 8
+    data = rng.integers(1, 256, (rows, columns, 8), dtype=np.uint8)
+    data[np.arange(8) >= used[:, :, None]] = 0  # a word's bytes past its used ones are 0
+    pieces = pbwire._Pieces(rows)
+    for column in range(columns):
+        pieces.words.append(data[:, column].copy().view("<u8").ravel())
+        pieces.used.append(used[:, column].astype(np.uint64))
+        pieces.most.append(8)
+    expected = b"".join(bytes(data[r, c, : used[r, c]]) for r in range(rows)
+                        for c in range(columns))
+    assert pieces.bytes(pieces.total()).tobytes() == expected
+
+
+def test_rows_shorter_than_one_word_are_refused() -> None:
+    pieces = pbwire._Pieces(2)
+    pieces.piece(np.array([1, 2], dtype=np.uint64), np.array([1, 1], dtype=np.uint64), 1)
+    with pytest.raises(ValueError, match="at least 8 bytes"):
+        pieces.bytes(pieces.total())
