@@ -49,7 +49,7 @@ ETH_P_IPV6 = 0x86DD
 
 # Rows encoded together. Fewer rows pay numpy's per-call cost more often (1024: +55%
 # time), more rows outgrow the CPU caches and raise peak memory (8192: +12 MB RSS for
-# no gain); 4096 was the fastest measured (bench/userspace.py), ~20 MB of temporaries.
+# no gain); 4096 was the fastest measured (bench/userspace.py).
 CHUNK_ROWS = 4096
 
 _VARINT, _LEN, _I32 = 0, 2, 5
