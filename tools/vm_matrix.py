@@ -148,7 +148,8 @@ def crashed_before_guest(console: str) -> bool:
 def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> float:
     started = time.monotonic()
     for attempt in range(1, BOOT_ATTEMPTS + 1):
-        console = boot_vm(kernel, out, args, started + args.timeout)
+        boot_vm(kernel, out, args, started + args.timeout)
+        console = (out / "console.log").read_text(encoding="utf-8", errors="replace")
         if attempt == BOOT_ATTEMPTS or not crashed_before_guest(console):
             break
         kept = out / f"console.boot{attempt}.log"
@@ -159,8 +160,8 @@ def run_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace) -> fl
 
 
 def boot_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace,
-            deadline: float) -> str:
-    """Boot once, run the guest, and return the console output."""
+            deadline: float) -> None:
+    """Boot once and run the guest; the console goes to out/console.log."""
     kvm = kvm_usable(kernel, args.kvm)
     guest = [str(ROOT / "tests/vm/guest.sh"), sys.executable, str(out), *python_binds(), "--",
              "--label", kernel.series, "--subset", args.subset, "--where", "vm",
@@ -173,7 +174,6 @@ def boot_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace,
         command.insert(3, "--disable-kvm")
     log(f"vm: booting {kernel.package} {kernel.version} "
         f"({'KVM' if kvm else 'software emulation'})")
-    lines = []
     with open(out / "console.log", "w", encoding="utf-8", errors="replace") as console:
         process = subprocess.Popen(command, cwd=ROOT, env=vng_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -182,7 +182,6 @@ def boot_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace,
         try:
             for line in process.stdout:
                 console.write(line)
-                lines.append(line)
                 if args.verbose or not KERNEL_LOG.match(line) or KERNEL_ALERT.search(line):
                     sys.stdout.write(f"  [{kernel.series}] {line}")
                     sys.stdout.flush()
@@ -193,7 +192,6 @@ def boot_vm(kernel: vm_kernels.Kernel, out: Path, args: argparse.Namespace,
             log(f"vm: {kernel.series}: no result after {args.timeout} s, stopping the VM")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return "".join(lines)
 
 
 def run_host(out: Path, args: argparse.Namespace) -> float:

@@ -84,9 +84,7 @@ def test_a_boot_crash_is_booted_again_and_its_console_kept(tmp_path, monkeypatch
     consoles = [BOOT_PANIC, f"{vm_matrix.GUEST_STARTED}\nguest: summary ok=True\n"]
 
     def boot(kernel, out, args, deadline):  # noqa: ANN001, ANN202
-        text = consoles.pop(0)
-        (out / "console.log").write_text(text)
-        return text
+        (out / "console.log").write_text(consoles.pop(0))
 
     monkeypatch.setattr(vm_matrix, "boot_vm", boot)
     args = vm_matrix.parse_args([])
@@ -102,7 +100,6 @@ def test_boot_crashes_stop_after_the_last_attempt(tmp_path, monkeypatch) -> None
     def boot(kernel, out, args, deadline):  # noqa: ANN001, ANN202
         boots.append(1)
         (out / "console.log").write_text(BOOT_PANIC)
-        return BOOT_PANIC
 
     monkeypatch.setattr(vm_matrix, "boot_vm", boot)
     vm_matrix.run_vm(KERNEL, tmp_path, vm_matrix.parse_args([]))  # type: ignore[arg-type]
