@@ -187,11 +187,13 @@ def test_rows_are_joined_exactly_whatever_their_pieces(seed: int) -> None:
         pieces.most.append(8)
     expected = b"".join(bytes(data[r, c, : used[r, c]]) for r in range(rows)
                         for c in range(columns))
-    assert pieces.bytes(pieces.total()).tobytes() == expected
+    data, lengths = pieces.serialize()
+    assert data.tobytes() == expected
+    assert lengths.tolist() == used.sum(axis=1).tolist()
 
 
 def test_rows_shorter_than_one_word_are_refused() -> None:
     pieces = pbwire._Pieces(2)
     pieces.piece(np.array([1, 2], dtype=np.uint64), np.array([1, 1], dtype=np.uint64), 1)
     with pytest.raises(ValueError, match="at least 8 bytes"):
-        pieces.bytes(pieces.total())
+        pieces.serialize()

@@ -212,17 +212,18 @@ class _Pieces:
             out += used
         return out
 
-    def bytes(self, lengths: np.ndarray) -> np.ndarray:
-        """The used bytes of every row, rows one after the other (`lengths`: total())."""
+    def serialize(self) -> tuple[np.ndarray, np.ndarray]:
+        """The used bytes of every row, rows one after the other, and each row's length."""
         rows = self.rows
+        lengths = self.total()
         if rows == 0:
-            return np.empty(0, dtype=np.uint8)
-        lengths = lengths.astype(np.int64)
+            return np.empty(0, dtype=np.uint8), lengths
         if lengths.min() < 8:  # the head rewrite below assumes it (entries are >= 12)
             raise ValueError("every row must be at least 8 bytes long")
+        sizes = lengths.astype(np.int64)  # offsets are int64, the index type
         starts = np.zeros(rows, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        total = int(starts[-1] + lengths[-1])
+        np.cumsum(sizes[:-1], out=starts[1:])
+        total = int(starts[-1] + sizes[-1])
         out = np.empty(total + 8, dtype=np.uint8)
         # One 8-byte store per piece at its byte offset: an array of 8-byte items that
         # start at every byte (stride 1, unaligned; "V8" copies them as plain bytes).
@@ -244,7 +245,7 @@ class _Pieces:
                 head |= np.where(near, column << shift, _U64(0))
             offset += used if isinstance(used, int) else used.astype(np.int64)
         at[starts] = head.view("V8")
-        return out[:total]
+        return out[:total], lengths
 
 
 def _timestamp(ns: np.ndarray, offset_ns: int) -> _Pieces:
@@ -378,8 +379,7 @@ def _encode_chunk(
 
     entries = _Pieces(count)
     entries.message(1, record)
-    lengths = entries.total()
-    return entries.bytes(lengths), lengths
+    return entries.serialize()
 
 
 def encode_batch(batch: FlowBatch, max_flows: int) -> list[bytes]:
