@@ -59,7 +59,7 @@ _Static_assert(
  * triangular probing). Two cache lines: state and key in the first, the value alone in the
  * second. Userspace zeroes a slot when it drains it; the kernel claims an EMPTY slot
  * (compare-and-exchange to SLOT_BUSY, or a spin lock on kernels before 5.12), writes the
- * key, then state = SLOT_READY, and never empties one. */
+ * key and value, then state = SLOT_READY, and never empties one. */
 struct flow_slot {
 	__u32 state; /* SLOT_* */
 	__u32 _pad0;

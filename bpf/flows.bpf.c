@@ -393,16 +393,21 @@ static __always_inline int key_equal(const struct flow_key *a, const struct flow
 		(x[5] ^ y[5])) == 0;
 }
 
-/* A new flow's value without its counters (add_packet and the ring buffer path add
- * those): first seen, sampling rate, DSCP, MACs. */
+/* A new flow's whole value, this packet counted: first and last seen, counters, TCP
+ * flags, sampling rate, DSCP, MACs. */
 static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buff *skb,
 					   const struct pkt_info *info, void *buf, __u64 now)
 {
 	const __u8 *eth = load_hdr(skb, 0, 2 * ETH_ALEN, buf);
 
 	__builtin_memset(v, 0, sizeof(*v));
+	v->packets = 1;
+	v->bytes = info->len;
+	v->ip_bytes = info->ip_bytes;
 	v->first_seen_ns = now;
+	v->last_seen_ns = now;
 	v->sampling = agent_config.sampling;
+	v->tcp_flags = info->tcp_flags;
 	v->dscp = info->dscp;
 	if (eth) {
 		__builtin_memcpy(v->dst_mac, eth, ETH_ALEN);
@@ -413,21 +418,20 @@ static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buf
 /* What filling an empty slot came to. */
 enum fill_result {
 	FILL_OTHER = 0, /* another CPU filled the slot with another flow: probe on */
-	FILL_MINE = 1,  /* the slot holds this flow: filled here, or just now elsewhere */
+	FILL_MINE = 1,  /* another CPU just filled the slot with this flow: add the packet */
 	FILL_BUSY = 2,  /* another CPU is filling it, its key not yet visible */
+	FILL_NEW = 3,   /* filled here with this flow, its first packet already counted */
 };
 
-/* Writes a claimed slot: key and first values, then the state, last, so that a CPU that
- * sees SLOT_READY finds the key in place. */
+/* Writes a claimed slot: key and whole value in plain stores, then the state, last, so
+ * that a CPU that sees SLOT_READY finds key and counters in place. No other CPU touches
+ * the slot before that, and plain stores, unlike atomic adds, do not wait for the value's
+ * cache line (usually a miss) to arrive. */
 static __always_inline void write_slot(struct flow_slot *s, const struct flow_key *key,
-				       const struct flow_value *init)
+				       const struct flow_value *value)
 {
 	__builtin_memcpy(&s->key, key, sizeof(*key));
-	s->value.first_seen_ns = init->first_seen_ns;
-	s->value.sampling = init->sampling;
-	s->value.dscp = init->dscp;
-	__builtin_memcpy(s->value.src_mac, init->src_mac, ETH_ALEN);
-	__builtin_memcpy(s->value.dst_mac, init->dst_mac, ETH_ALEN);
+	__builtin_memcpy(&s->value, value, sizeof(*value));
 	/* A compiler barrier: the state must not be stored before the rest. */
 	asm volatile("" ::: "memory");
 	s->state = SLOT_READY;
@@ -440,13 +444,13 @@ static __always_inline void write_slot(struct flow_slot *s, const struct flow_ke
  * wait or risk storing the flow twice; userspace merges it by key.
  */
 static __always_inline int claim_slot(struct flow_slot *s, const struct flow_key *key,
-				      const struct flow_value *init)
+				      const struct flow_value *value)
 {
 	__u32 seen = __sync_val_compare_and_swap(&s->state, SLOT_EMPTY, SLOT_BUSY);
 
 	if (seen == SLOT_EMPTY) {
-		write_slot(s, key, init);
-		return FILL_MINE;
+		write_slot(s, key, value);
+		return FILL_NEW;
 	}
 	if (seen != SLOT_READY)
 		return FILL_BUSY;
@@ -459,7 +463,8 @@ static __always_inline int claim_slot(struct flow_slot *s, const struct flow_key
  * per new flow than claim_slot: two helper calls, each saving or restoring interrupts.
  */
 static __always_inline int lock_slot(struct flow_slot *s, __u32 idx,
-				     const struct flow_key *key, const struct flow_value *init)
+				     const struct flow_key *key,
+				     const struct flow_value *value)
 {
 	__u32 stripe = idx % LOCK_STRIPES;
 	struct slot_lock *l = bpf_map_lookup_elem(&slot_locks, &stripe);
@@ -469,8 +474,8 @@ static __always_inline int lock_slot(struct flow_slot *s, __u32 idx,
 		return FILL_BUSY;
 	bpf_spin_lock(&l->lock);
 	if (s->state == SLOT_EMPTY) {
-		write_slot(s, key, init);
-		result = FILL_MINE;
+		write_slot(s, key, value);
+		result = FILL_NEW;
 	} else {
 		result = key_equal(&s->key, key) ? FILL_MINE : FILL_OTHER;
 	}
@@ -548,6 +553,8 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 					filled = claim_slot(s, &rec.key, &rec.value);
 				else
 					filled = lock_slot(s, idx, &rec.key, &rec.value);
+				if (filled == FILL_NEW)
+					return TC_ACT_UNSPEC;
 				if (filled == FILL_MINE) {
 					add_packet(&s->value, &info, now, cmpxchg);
 					return TC_ACT_UNSPEC;
@@ -567,11 +574,6 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 
 	if (!have_value)
 		new_flow_value(&rec.value, skb, &info, buf, now);
-	rec.value.packets = 1;
-	rec.value.bytes = info.len;
-	rec.value.ip_bytes = info.ip_bytes;
-	rec.value.last_seen_ns = now;
-	rec.value.tcp_flags = info.tcp_flags;
 	emit_record(&rec);
 	return TC_ACT_UNSPEC;
 }
