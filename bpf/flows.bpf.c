@@ -14,12 +14,13 @@
  * pair: a 5.10 verifier refuses a program holding a cmpxchg instruction even where it
  * cannot run.
  *
- * The flow table is a BPF array used as an open-addressing hash table: the flow key's
- * hash picks a home slot, and up to MAX_PROBES slots are tried from there, at home + 0,
- * 1, 3, 6, 10, ... (triangular probing). Unlike a BPF hash
- * map, finding a flow costs no helper call and one random memory access (the slot's two
- * adjacent cache lines), and adding a flow takes one compare-and-exchange (or one spin
- * lock) instead of a bucket lock, a free-list pop and a list insertion.
+ * The flow table is a BPF array used as an open-addressing hash table: the hash of the
+ * flow key's addresses, ports and protocols picks a home slot, and up to MAX_PROBES
+ * slots are tried from there, at home + 0, 1, 3, 6, 10, ... (triangular probing).
+ * Unlike a BPF hash map, finding a flow costs no helper call and one random memory
+ * access (the slot's two adjacent cache lines), and adding a flow takes one
+ * compare-and-exchange (or one spin lock) instead of a bucket lock, a free-list pop and a
+ * list insertion.
  *
  * Every packet that reaches the program is counted exactly once: in the current table
  * (flows_outer[0]), or, when the MAX_PROBES slots tried hold other flows, as one
@@ -43,10 +44,12 @@
 /* Default table size; the loader sets flows_a/flows_b from CACHE_MAX_FLOWS. */
 #define FLOW_TABLE_SLOTS 10000
 /* Slots tried per packet before the ring buffer takes it. The verifier walks every
- * probe (82k instructions verified in all on Linux 6.18; its limit is 1M). In a table
+ * probe (135k instructions verified in all on Linux 6.18; its limit is 1M). In a table
  * at most half full (the loader makes 2 slots per flow of CACHE_MAX_FLOWS), the
- * longest probe sequence among 100k random flows is 11-17 slots. */
-#define MAX_PROBES 32
+ * longest probe sequence among 100k random flows is 13-20 slots when each 5-tuple is
+ * seen on one interface, 18-24 on two, 28-35 on four, 36-41 on six (they share a
+ * home slot: see handle()). */
+#define MAX_PROBES 48
 #define LOCK_STRIPES 1024
 #define RINGBUF_BYTES (1 << 20)
 
@@ -509,21 +512,26 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 	__u32 zero = 0, slots = agent_config.table_slots, idx = 0;
 	__u32 sampling = agent_config.sampling;
 	int i, filled, have_value = 0;
-	__u64 now;
+	__u64 now, hash;
 
 	if (sampling > 1 && bpf_get_prandom_u32() % sampling != 0)
 		return TC_ACT_UNSPEC;
 
 	__builtin_memset(&rec.key, 0, sizeof(rec.key));
-	rec.key.if_index = skb->ifindex;
-	rec.key.direction = direction;
 	info.len = skb->len;
 	parse(skb, &rec.key, &info, buf);
+	/* The home slot depends on addresses, ports and protocols, not on the interface
+	 * and direction: one packet seen on several interfaces (both ends of a veth, a pod's
+	 * veth and the bridge it is routed to) makes flows that sit side by side, so every
+	 * lookup after the first finds their lines in cache. */
+	hash = flow_hash(&rec.key);
+	rec.key.if_index = skb->ifindex;
+	rec.key.direction = direction;
 
 	table = bpf_map_lookup_elem(&flows_outer, &zero);
 	if (table) {
 		/* The hash's upper half scaled to [0, slots), without a division. */
-		idx = ((flow_hash(&rec.key) >> 32) * slots) >> 32;
+		idx = ((hash >> 32) * slots) >> 32;
 		/* Start loading the flow's slot (usually a cache miss), and read the clock
 		 * while that load is pending. */
 		s = bpf_map_lookup_elem(table, &idx);

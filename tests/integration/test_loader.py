@@ -192,29 +192,40 @@ def scenario_full(args: dict) -> dict:
 
 def scenario_capacity(args: dict) -> dict:
     """CACHE_MAX_FLOWS new flows, one packet each (trafgen, source address counting up),
-    into a table made for exactly that many, once per load (each load has its own seed)."""
+    into a table made for exactly that many, once per load (each load has its own seed).
+    With `peer` (B's namespace), each 5-tuple is two flows: sent out of A (A egress) and,
+    the same addresses and ports, from B to A (A ingress). Flows of one 5-tuple share a
+    home slot, so this is the case with the longest probe sequences."""
     import ipaddress
 
     from ei_ebpf_agent.ebpf.loader import FlowProgram
     from ei_ebpf_agent.flow.tracer import FlowTracer
 
     if_index = socket.if_nametoindex(A_DEV)
-    flows = args["flows"]
+    flows, peer = args["flows"], args.get("peer")
+    tuples = flows // 2 if peer else flows
     # -q: through the qdisc layer, so TC egress sees the frames; -t 0: sendto(), linear.
-    config = (f"{{ eth(da={B_MAC}, sa={A_MAC}), ipv4(sa=10.202.0.0, sa=dinc(), da={B_IP}), "
-              f"udp(sp=40040, dp=40041), fill(0, 18) }}")
+    senders = [([], A_DEV, B_MAC, A_MAC)]
+    if peer:
+        senders.append((["ip", "netns", "exec", peer], B_DEV, A_MAC, B_MAC))
     rounds = []
     for _ in range(args["rounds"]):
         program = FlowProgram.load(max_flows=flows)
         try:
             program.attach(if_index, "egress", "any")
+            if peer:
+                program.attach(if_index, "ingress", "any")
             tracer = FlowTracer(program, interfaces_lookup=lambda: {if_index: A_DEV},
                                 agent_ip=ipaddress.ip_address(A_IP))
-            done = subprocess.run(["trafgen", "-o", A_DEV, "-q", "-t", "0", "-P", "1",
-                                   "-n", str(flows), "-i", "-"],
-                                  input=config, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                return {"error": f"trafgen: {done.stderr.strip()}"}
+            for prefix, dev, dst_mac, src_mac in senders:
+                config = (f"{{ eth(da={dst_mac}, sa={src_mac}), ipv4(sa=10.202.0.0, "
+                          f"sa=dinc(), da={B_IP}), udp(sp=40040, dp=40041), fill(0, 18) }}")
+                done = subprocess.run([*prefix, "trafgen", "-o", dev, "-q", "-t", "0", "-P",
+                                       "1", "-n", str(tuples), "-i", "-"],
+                                      input=config, capture_output=True, text=True,
+                                      timeout=300)
+                if done.returncode != 0:
+                    return {"error": f"trafgen: {done.stderr.strip()}"}
             program.detach_all()
             batch = tracer.evict()
             tracer.close()
@@ -224,6 +235,7 @@ def scenario_capacity(args: dict) -> dict:
         rounds.append({
             "rows": len(rec),
             "sources": len(np.unique(rec["src_ip"], axis=0)),
+            "directions": sorted(int(d) for d in np.unique(rec["direction"])),
             "packets": int(rec["packets"].sum()),
             "most_packets_in_a_row": int(rec["packets"].max()) if len(rec) else 0,
             "ringbuf_records": batch.extra["ringbuf_records"],
@@ -514,16 +526,23 @@ def test_full_table_sends_packets_through_the_ring_buffer_and_none_is_lost(netns
 @needs_root
 @pytest.mark.skipif(shutil.which("trafgen") is None,
                     reason="needs trafgen (Debian package netsniff-ng) to send 100,000 flows")
-def test_a_table_holds_cache_max_flows_flows_without_the_ring_buffer(netns) -> None:
+@pytest.mark.parametrize("seen_twice", [False, True], ids=["one-interface", "two-directions"])
+def test_a_table_holds_cache_max_flows_flows_without_the_ring_buffer(netns,
+                                                                      seen_twice: bool) -> None:
     # 100,000 flows in a table made for 100,000, under three hash seeds: every flow finds
     # a slot within the program's probes (linear probing failed this for about one seed
-    # in two at this size), so none goes through the slower, bounded ring buffer.
-    a, _b = netns
-    result = run_in(a, "capacity", {"flows": 100_000, "rounds": 3})
+    # in two at this size), so none goes through the slower, bounded ring buffer. Also
+    # when each 5-tuple is two flows (A egress and A ingress), which share a home slot.
+    a, b = netns
+    args = {"flows": 100_000, "rounds": 3}
+    if seen_twice:
+        args["peer"] = b
+    result = run_in(a, "capacity", args)
     assert "error" not in result, result.get("error")
     for got in result["rounds"]:
-        assert got == {"rows": 100_000, "sources": 100_000, "packets": 100_000,
-                       "most_packets_in_a_row": 1, "ringbuf_records": 0,
+        assert got == {"rows": 100_000, "sources": 50_000 if seen_twice else 100_000,
+                       "directions": [0, 1] if seen_twice else [1],
+                       "packets": 100_000, "most_packets_in_a_row": 1, "ringbuf_records": 0,
                        "kernel_ringbuf_records": 0}
 
 

@@ -43,7 +43,7 @@ LOCK_PROGRAMS = {"ingress": "tc_ingress_lock", "egress": "tc_egress_lock"}
 MAPS = ("flows_outer", "flows_a", "flows_b", "slot_locks", "flows_ringbuf", "counters")
 TABLES = ("flows_a", "flows_b")
 # Slots per flow of CACHE_MAX_FLOWS: a table at most half full keeps the probe sequences
-# short (most flows sit in their home slot; the longest needs 11-17 of the 32 probes).
+# short (most flows sit in their home slot or next to it; see MAX_PROBES in the C source).
 SLOTS_PER_FLOW = 2
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
