@@ -94,6 +94,11 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
+def _ns(value: float) -> str:
+    """A per-direction ns/packet; 0 means that direction ran no packet in the case."""
+    return f"{value:.0f}" if value else "-"
+
+
 def _per_s_range(u: dict) -> str:
     """Slowest-fastest round of the userspace pipeline, in flows/s: the machine's noise."""
     cpu = u["rounds"]["cpu_s"]
@@ -107,8 +112,8 @@ def format_table(results: dict) -> str:
         name = f"datapath ({case['case']}) {case['title']}"
         rows += [
             (f"{name}: empty program (floor)", f"{case['empty_ns']:.0f} ns/pkt", "", ""),
-            (f"{name}: agent", f"{case['agent_ns']:.0f} ns/pkt (in {case['agent_ingress_ns']:.0f}"
-                               f", out {case['agent_egress_ns']:.0f}; rounds "
+            (f"{name}: agent", f"{case['agent_ns']:.0f} ns/pkt (in {_ns(case['agent_ingress_ns'])}"
+                               f", out {_ns(case['agent_egress_ns'])}; rounds "
                                f"{case['agent_ns_range'][0]:.0f}-{case['agent_ns_range'][1]:.0f})",
              "" if case["target_ns"] is None
              else f"<= {case['target_ns']:.0f} (NetObserv {case['netobserv_ns']})",
