@@ -71,8 +71,8 @@ def main() -> int:
     parser.add_argument("--case", action="append", type=parse_case, required=True)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
-    if len(args.builds) < 2:
-        parser.error("give at least two build directories")
+    if len(set(args.builds)) != len(args.builds) or len(args.builds) < 2:
+        parser.error("give at least two different build directories")
     if os.geteuid() != 0:
         print("bench/ab.py needs root (namespaces, eBPF, BPF statistics).", file=sys.stderr)
         return 1

@@ -100,8 +100,10 @@ class _Sampler:
             "empty_ns": delta["empty"].run_time_ns / delta["empty"].run_cnt,
             "agent_ns": agent_ns / agent_runs,
             "runs": agent_runs,
-            **{f"agent_{d}_ns": delta[d].run_time_ns / max(delta[d].run_cnt, 1)
-               for d in DIRECTIONS},
+            # 0 for a direction that saw only stray packets (IPv6 neighbour discovery
+            # on the idle direction of case b1): their cost says nothing about the case.
+            **{f"agent_{d}_ns": delta[d].run_time_ns / delta[d].run_cnt
+               if delta[d].run_cnt * 100 >= agent_runs else 0.0 for d in DIRECTIONS},
         }
 
 
