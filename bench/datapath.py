@@ -16,7 +16,7 @@ two flows (A egress, B ingress).
       lines in cache;
   (b1) 50,000 flows seen once each: 50,000 5-tuples, the agent on A's end only (every
       lookup a cache miss); no target, the cost of a flow no other interface sees;
-  (b2) the same with 100,000 flows (50,000 5-tuples): no target, shown for scale;
+  (b2) as (b) with 100,000 flows (50,000 5-tuples): no target, shown for scale;
   (c) a new flow in every packet (the table is evicted between rounds);
   (c-lock) the same with the programs kernels before 5.12 get, which fill a new flow's
       slot under a spin lock instead of a compare-and-exchange: no target, for scale.
