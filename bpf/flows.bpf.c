@@ -15,8 +15,9 @@
  * cannot run.
  *
  * The flow table is a BPF array used as an open-addressing hash table: the hash of the
- * flow key's addresses, ports and protocols picks a home slot, and up to MAX_PROBES
- * slots are tried from there, at home + 0, 1, 3, 6, 10, ... (triangular probing).
+ * flow key's addresses, ports and protocols picks a home slot, and SHARED_PROBES slots
+ * are tried from there, at home + 0, 1, 3, 6; then, from a home slot that the whole key
+ * picks, more up to MAX_PROBES in all, at + 0, 1, 3, 6, 10, ... (triangular probing).
  * Unlike a BPF hash map, finding a flow costs no helper call and one random memory
  * access (the slot's two adjacent cache lines), and adding a flow takes one
  * compare-and-exchange (or one spin lock) instead of a bucket lock, a free-list pop and a
@@ -44,12 +45,15 @@
 /* Default table size; the loader sets flows_a/flows_b from CACHE_MAX_FLOWS. */
 #define FLOW_TABLE_SLOTS 10000
 /* Slots tried per packet before the ring buffer takes it. The verifier walks every
- * probe (135k instructions verified in all on Linux 6.18; its limit is 1M). In a table
- * at most half full (the loader makes 2 slots per flow of CACHE_MAX_FLOWS), the
- * longest probe sequence among 100k random flows is 13-20 slots when each 5-tuple is
- * seen on one interface, 18-24 on two, 28-35 on four, 36-41 on six (they share a
- * home slot: see handle()). */
-#define MAX_PROBES 48
+ * probe (98k instructions verified in all on Linux 6.18; its limit is 1M). In a
+ * table at most half full (the loader makes 2 slots per flow of CACHE_MAX_FLOWS), the
+ * longest probe sequence among 100k random flows is 14-19 slots when each 5-tuple is
+ * seen on one interface, and at most 23 when each is seen on 2, 4, 8, 100 or 1000
+ * (simulated, 6 seeds each). */
+#define MAX_PROBES 32
+/* Probes around the home slot that all flows of one 5-tuple share (see handle());
+ * after them, a flow goes on from a home of its own. */
+#define SHARED_PROBES 4
 #define LOCK_STRIPES 1024
 #define RINGBUF_BYTES (1 << 20)
 
@@ -509,10 +513,10 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 	struct pkt_info info = {};
 	struct flow_slot *s;
 	void *table;
-	__u32 zero = 0, slots = agent_config.table_slots, idx = 0;
+	__u32 zero = 0, slots = agent_config.table_slots, idx = 0, step = 0;
 	__u32 sampling = agent_config.sampling;
 	int i, filled, have_value = 0;
-	__u64 now, hash;
+	__u64 now, hash, own_hash;
 
 	if (sampling > 1 && bpf_get_prandom_u32() % sampling != 0)
 		return TC_ACT_UNSPEC;
@@ -520,11 +524,15 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 	__builtin_memset(&rec.key, 0, sizeof(rec.key));
 	info.len = skb->len;
 	parse(skb, &rec.key, &info, buf);
-	/* The home slot depends on addresses, ports and protocols, not on the interface
-	 * and direction: one packet seen on several interfaces (both ends of a veth, a pod's
-	 * veth and the bridge it is routed to) makes flows that sit side by side, so every
-	 * lookup after the first finds their lines in cache. */
+	/* The first home slot depends on addresses, ports and protocols, not on the
+	 * interface and direction: one packet seen on several interfaces (both ends of a
+	 * veth, a pod's veth and the interface it is routed to) makes flows that sit side
+	 * by side, so every lookup after the first finds their lines in cache. Only
+	 * SHARED_PROBES are shared: a packet flooded to a hundred bridge ports, or ARP on
+	 * every interface, must not make a hundred flows walk one probe sequence. */
 	hash = flow_hash(&rec.key);
+	/* Multiplicative hashing: the upper half, used below, depends on every input bit. */
+	own_hash = (hash ^ ((__u64)skb->ifindex << 8 | direction)) * 0x9e3779b97f4a7c15ULL;
 	rec.key.if_index = skb->ifindex;
 	rec.key.direction = direction;
 
@@ -570,11 +578,18 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 				if (filled == FILL_BUSY)
 					break; /* to the ring buffer */
 			}
+			if (i == SHARED_PROBES - 1) {
+				/* On from the flow's own home slot. */
+				idx = ((own_hash >> 32) * slots) >> 32;
+				step = 0;
+				continue;
+			}
 			/* Triangular steps (+1, +2, +3, ...): runs of filled slots do not
 			 * merge into long clusters as with linear probing (+1, +1, ...), which
 			 * at half load already makes some flows need more than 32 probes in a
 			 * table of 100k slots. The first steps stay within a few cache lines. */
-			idx += i + 1;
+			step++;
+			idx += step;
 			if (idx >= slots)
 				idx %= slots;
 		}
