@@ -87,8 +87,8 @@ struct agent_config {
 	__u32 sampling;     /* 0 or 1: every packet; N: one packet in N on average */
 	__u32 coarse_clock; /* 1: bpf_ktime_get_coarse_ns (Linux 5.11+), 0: bpf_ktime_get_ns */
 	__u32 table_slots;  /* max_entries of flows_a and flows_b */
-	__u32 _pad0;
-	__u64 hash_seed; /* random, so that nobody can choose keys that collide */
+	__u32 stores_in_order; /* 1: CPUs make plain stores visible in order (x86) */
+	__u64 hash_seed;       /* random, so that nobody can choose keys that collide */
 };
 _Static_assert(sizeof(struct agent_config) == 24, "agent_config must be 24 bytes");
 

@@ -425,20 +425,32 @@ static __always_inline void new_flow_value(struct flow_value *v, struct __sk_buf
 /* What filling an empty slot came to. */
 enum fill_result {
 	FILL_OTHER = 0, /* another CPU filled the slot with another flow: probe on */
-	FILL_MINE = 1,  /* another CPU just filled the slot with this flow: add the packet */
+	FILL_MINE = 1,  /* the slot holds this flow, this packet not yet counted: add it */
 	FILL_BUSY = 2,  /* another CPU is filling it, its key not yet visible */
-	FILL_NEW = 3,   /* filled here with this flow, its first packet already counted */
+	FILL_NEW = 3,   /* filled here with this flow, this packet counted */
 };
 
-/* Writes a claimed slot: key and whole value in plain stores, then the state, last, so
- * that a CPU that sees SLOT_READY finds key and counters in place. No other CPU touches
- * the slot before that, and plain stores, unlike atomic adds, do not wait for the value's
- * cache line (usually a miss) to arrive. */
+/* Writes a claimed slot: key and value in plain stores, then the state, last, so that a
+ * CPU that sees SLOT_READY finds them in place. No other CPU touches the slot before
+ * that, and plain stores, unlike atomic adds, do not wait for the value's cache line
+ * (usually a miss) to arrive. That holds where CPUs make stores visible in order (x86).
+ * Elsewhere (arm64) another CPU may see READY first and add to counters that a late
+ * plain store would then overwrite: there the counters are left out here, and the
+ * first packet is added atomically once READY, as any later one (FILL_MINE). A CPU that
+ * sees READY before the key makes a second row for the flow, never loses a count. */
 static __always_inline void write_slot(struct flow_slot *s, const struct flow_key *key,
 				       const struct flow_value *value)
 {
 	__builtin_memcpy(&s->key, key, sizeof(*key));
-	__builtin_memcpy(&s->value, value, sizeof(*value));
+	if (agent_config.stores_in_order) {
+		__builtin_memcpy(&s->value, value, sizeof(*value));
+	} else {
+		s->value.first_seen_ns = value->first_seen_ns;
+		s->value.sampling = value->sampling;
+		s->value.dscp = value->dscp;
+		__builtin_memcpy(s->value.src_mac, value->src_mac, ETH_ALEN);
+		__builtin_memcpy(s->value.dst_mac, value->dst_mac, ETH_ALEN);
+	}
 	/* A compiler barrier: the state must not be stored before the rest. */
 	asm volatile("" ::: "memory");
 	s->state = SLOT_READY;
@@ -457,7 +469,7 @@ static __always_inline int claim_slot(struct flow_slot *s, const struct flow_key
 
 	if (seen == SLOT_EMPTY) {
 		write_slot(s, key, value);
-		return FILL_NEW;
+		return agent_config.stores_in_order ? FILL_NEW : FILL_MINE;
 	}
 	if (seen != SLOT_READY)
 		return FILL_BUSY;
@@ -482,7 +494,7 @@ static __always_inline int lock_slot(struct flow_slot *s, __u32 idx,
 	bpf_spin_lock(&l->lock);
 	if (s->state == SLOT_EMPTY) {
 		write_slot(s, key, value);
-		result = FILL_NEW;
+		result = agent_config.stores_in_order ? FILL_NEW : FILL_MINE;
 	} else {
 		result = key_equal(&s->key, key) ? FILL_MINE : FILL_OTHER;
 	}

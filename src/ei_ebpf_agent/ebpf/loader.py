@@ -45,6 +45,9 @@ TABLES = ("flows_a", "flows_b")
 # Slots per flow of CACHE_MAX_FLOWS: a table at most half full keeps the probe sequences
 # short (most flows sit in their home slot or next to it; see MAX_PROBES in the C source).
 SLOTS_PER_FLOW = 2
+# Machines whose CPUs make plain stores visible to others in program order (x86-TSO):
+# there a new flow's counters are written with its key (bpf/flows.bpf.c, write_slot).
+STORES_IN_ORDER_MACHINES = ("x86_64", "i386", "i686")
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
 MODES = ("any", "tcx", "tc")
@@ -205,7 +208,8 @@ class FlowProgram:
     @classmethod
     def load(cls, *, sampling: int = 0, max_flows: int = 5000,
              ringbuf_bytes: int | None = None, objects: Any = None,
-             coarse_clock: bool | None = None, cmpxchg: bool | None = None) -> FlowProgram:
+             coarse_clock: bool | None = None, cmpxchg: bool | None = None,
+             stores_in_order: bool | None = None) -> FlowProgram:
         """Verify, open, configure and load the embedded object.
 
         `objects` is a directory (Traversable or Path) holding the object and SHA256SUMS;
@@ -213,12 +217,16 @@ class FlowProgram:
         kernel's tick-precise clock (default: when the kernel has it, Linux 5.11+).
         `cmpxchg`: load the programs that claim a new flow's slot with compare-and-exchange
         rather than a spin lock (default: when the kernel has it, Linux 5.12+).
+        `stores_in_order`: write a new flow's first counts with its key, in plain stores,
+        which is exact only where CPUs make stores visible in order (default: on x86).
         Raises AgentStartError with one line.
         """
         if coarse_clock is None:
             coarse_clock = _kernel_has("coarse_clock")
         if cmpxchg is None:
             cmpxchg = _kernel_has("cmpxchg")
+        if stores_in_order is None:
+            stores_in_order = os.uname().machine in STORES_IN_ORDER_MACHINES
         name = object_name()
         data = read_verified_object(objects, name)
         buffer = ctypes.create_string_buffer(data, len(data))
@@ -229,7 +237,8 @@ class FlowProgram:
             except LibbpfError as error:
                 raise AgentStartError(f"cannot open eBPF object {name}: {error}") from error
             stack.callback(libbpf.bpf_object__close, obj)
-            _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock, cmpxchg)
+            _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock, cmpxchg,
+                       stores_in_order)
             try:
                 with contextlib.ExitStack() as tables:
                     _create_tables(obj, SLOTS_PER_FLOW * max_flows, tables)
@@ -466,7 +475,8 @@ def _kernel_has(feature: str) -> bool:
 
 
 def _configure(obj: Any, name: str, sampling: int, max_flows: int,
-               ringbuf_bytes: int | None, coarse_clock: bool, cmpxchg: bool) -> None:
+               ringbuf_bytes: int | None, coarse_clock: bool, cmpxchg: bool,
+               stores_in_order: bool) -> None:
     """Set .rodata agent_config and map sizes before load; pick the programs to load."""
 
     def find(map_name: str) -> Any:
@@ -492,6 +502,7 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
     config["sampling"] = sampling
     config["coarse_clock"] = int(coarse_clock)
     config["table_slots"] = SLOTS_PER_FLOW * max_flows
+    config["stores_in_order"] = int(stores_in_order)
     config["hash_seed"] = int.from_bytes(os.urandom(8), "little")
     data[: AGENT_CONFIG.itemsize] = config.tobytes()  # agent_config sits at offset 0
     value = (ctypes.c_char * len(data)).from_buffer(data)

@@ -74,9 +74,9 @@ SLOT_BUSY = 2  # claimed by a CPU that is writing its key; never left so in an i
 # struct agent_config (24 bytes): the whole .rodata section.
 AGENT_CONFIG = np.dtype(
     {
-        "names": ["sampling", "coarse_clock", "table_slots", "hash_seed"],
-        "formats": ["=u4", "=u4", "=u4", "=u8"],
-        "offsets": [0, 4, 8, 16],
+        "names": ["sampling", "coarse_clock", "table_slots", "stores_in_order", "hash_seed"],
+        "formats": ["=u4", "=u4", "=u4", "=u4", "=u8"],
+        "offsets": [0, 4, 8, 12, 16],
         "itemsize": 24,
     }
 )
