@@ -45,7 +45,7 @@
 /* Default table size; the loader sets flows_a/flows_b from CACHE_MAX_FLOWS. */
 #define FLOW_TABLE_SLOTS 10000
 /* Slots tried per packet before the ring buffer takes it. The verifier walks every
- * probe (98k instructions verified in all on Linux 6.18; its limit is 1M). In a
+ * probe (80k instructions verified in all on Linux 6.18; its limit is 1M). In a
  * table at most half full (the loader makes 2 slots per flow of CACHE_MAX_FLOWS), the
  * longest probe sequence among 100k random flows is 14-19 slots when each 5-tuple is
  * seen on one interface, and at most 23 when each is seen on 2, 4, 8, 100 or 1000
@@ -392,6 +392,12 @@ static __always_inline __u64 flow_hash(const struct flow_key *key)
 	return h ^ (h >> 33);
 }
 
+/* A hash's upper half scaled to a slot index in [0, slots), without a division. */
+static __always_inline __u32 home_slot(__u64 hash, __u32 slots)
+{
+	return ((hash >> 32) * slots) >> 32;
+}
+
 static __always_inline int key_equal(const struct flow_key *a, const struct flow_key *b)
 {
 	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
@@ -528,7 +534,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 	__u32 zero = 0, slots = agent_config.table_slots, idx = 0, step = 0;
 	__u32 sampling = agent_config.sampling;
 	int i, filled, have_value = 0;
-	__u64 now, hash, own_hash;
+	__u64 now, hash;
 
 	if (sampling > 1 && bpf_get_prandom_u32() % sampling != 0)
 		return TC_ACT_UNSPEC;
@@ -543,15 +549,12 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 	 * SHARED_PROBES are shared: a packet flooded to a hundred bridge ports, or ARP on
 	 * every interface, must not make a hundred flows walk one probe sequence. */
 	hash = flow_hash(&rec.key);
-	/* Multiplicative hashing: the upper half, used below, depends on every input bit. */
-	own_hash = (hash ^ ((__u64)skb->ifindex << 8 | direction)) * 0x9e3779b97f4a7c15ULL;
 	rec.key.if_index = skb->ifindex;
 	rec.key.direction = direction;
 
 	table = bpf_map_lookup_elem(&flows_outer, &zero);
 	if (table) {
-		/* The hash's upper half scaled to [0, slots), without a division. */
-		idx = ((hash >> 32) * slots) >> 32;
+		idx = home_slot(hash, slots);
 		/* Start loading the flow's slot (usually a cache miss), and read the clock
 		 * while that load is pending. */
 		s = bpf_map_lookup_elem(table, &idx);
@@ -591,8 +594,12 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 direction,
 					break; /* to the ring buffer */
 			}
 			if (i == SHARED_PROBES - 1) {
-				/* On from the flow's own home slot. */
-				idx = ((own_hash >> 32) * slots) >> 32;
+				/* On from the flow's own home slot. Multiplicative hashing: the
+				 * upper half that home_slot uses depends on every input bit. */
+				idx = home_slot(
+					(hash ^ ((__u64)rec.key.if_index << 8 | direction)) *
+						0x9e3779b97f4a7c15ULL,
+					slots);
 				step = 0;
 				continue;
 			}
