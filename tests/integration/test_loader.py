@@ -261,10 +261,16 @@ def scenario_everywhere(args: dict) -> dict:
     subprocess.run(["ip", "-batch", "-"], input="\n".join(commands) + "\n", text=True,
                    check=True)
     indexes = {socket.if_nametoindex(name): name for name in senders + receivers}
-    mac = bytes.fromhex(B_MAC.replace(":", "")) + bytes.fromhex(A_MAC.replace(":", ""))
     if args["ip"]:
-        frame = mac + b"\x08\x00" + _ipv4_udp(A_IP, B_IP, 40050, 40051, b"x" * 18)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.harness
+        from types import SimpleNamespace
+
+        from tests.harness.traffic import udp_frame
+
+        link = SimpleNamespace(local_ip4=A_IP, peer_ip4=B_IP, local_mac=A_MAC, peer_mac=B_MAC)
+        frame = udp_frame(link, 40050, 40051, b"x" * 18)
     else:
+        mac = bytes.fromhex(B_MAC.replace(":", "")) + bytes.fromhex(A_MAC.replace(":", ""))
         frame = mac + b"\x88\xb5" + b"x" * 46  # IEEE local experimental EtherType
     program = FlowProgram.load(max_flows=args["max_flows"])
     try:
@@ -297,15 +303,6 @@ def scenario_everywhere(args: dict) -> dict:
             "bytes": sorted({int(b) for b in rec["bytes"]}),
             "ringbuf_records": batch.extra["ringbuf_records"],
             "kernel_ringbuf_records": tracer.kernel_ringbuf_records}
-
-
-def _ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
-    """An IPv4 header (checksum left 0: no host receives these frames) and UDP."""
-    udp = sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
-    udp += (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
-    ip = bytes([0x45, 0]) + (20 + len(udp)).to_bytes(2, "big") + b"\0\0\0\0" + bytes([64, 17])
-    ip += b"\0\0" + socket.inet_aton(src) + socket.inet_aton(dst)
-    return ip + udp
 
 
 # The cmpxchg programs' scenarios on a kernel before 5.12 (an allowed skip in CI).
