@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * The one definition of every type shared between the kernel program and the
- * agent. src/ei_ebpf_agent/flow/record.py mirrors it as numpy dtypes and
+ * agent. src/ei_ebpf_agent/ebpf/layout.py mirrors it as numpy dtypes and
  * tests/unit/test_layout.py proves, from the compiled object's BTF, that both agree.
  * Fixed-width types, explicit padding, no bitfields, no pointers.
  */

@@ -364,7 +364,7 @@ def scenario_busy(args: dict) -> dict:
 
     from ei_ebpf_agent.ebpf import features
     from ei_ebpf_agent.ebpf.loader import FlowProgram
-    from ei_ebpf_agent.flow.record import FLOW_SLOT, SLOT_BUSY
+    from ei_ebpf_agent.ebpf.layout import FLOW_SLOT, SLOT_BUSY
     from ei_ebpf_agent.flow.tracer import FlowTracer
 
     cmpxchg = args["fill"] == "cmpxchg"

@@ -1,7 +1,7 @@
 """The structs in the committed eBPF objects have exactly the layout of the numpy dtypes.
 
 Reads the BTF of every object in pkg/ebpf with `bpftool btf dump file -j` and compares
-each struct's size and every member's offset and size with src/ei_ebpf_agent/flow/record.py,
+each struct's size and every member's offset and size with src/ei_ebpf_agent/ebpf/layout.py,
 so bpf/flow.h and its Python mirror cannot drift silently.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ei_ebpf_agent.flow.record import (
+from ei_ebpf_agent.ebpf.layout import (
     AGENT_CONFIG,
     FLOW_KEY,
     FLOW_RECORD,

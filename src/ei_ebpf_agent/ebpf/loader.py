@@ -31,7 +31,7 @@ import numpy as np
 
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
-from ei_ebpf_agent.flow.record import AGENT_CONFIG, FLOW_SLOT
+from ei_ebpf_agent.ebpf.layout import AGENT_CONFIG, FLOW_SLOT
 from ei_ebpf_agent.privileges import missing_message
 
 log = logging.getLogger(__name__)

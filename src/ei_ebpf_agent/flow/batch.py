@@ -9,7 +9,7 @@ from typing import Union
 
 import numpy as np
 
-from ei_ebpf_agent.flow.record import FLOW_RECORD
+from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 

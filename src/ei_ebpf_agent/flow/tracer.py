@@ -29,7 +29,7 @@ from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
 from ei_ebpf_agent.ebpf.loader import FlowProgram
 from ei_ebpf_agent.flow.batch import FlowBatch, IPAddress
-from ei_ebpf_agent.flow.record import (
+from ei_ebpf_agent.ebpf.layout import (
     COUNTER_RINGBUF_LOST,
     COUNTER_RINGBUF_RECORDS,
     FLOW_KEY,
