@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import kbpf
 import traffic
 
-from ei_ebpf_agent.ebpf.loader import FlowProgram
 from ei_ebpf_agent.ebpf.layout import COUNTER_RINGBUF_RECORDS
+from ei_ebpf_agent.ebpf.loader import FlowProgram
 from ei_ebpf_agent.flow.tracer import FlowTracer
 
 MAX_FLOWS = 150_000  # CACHE_MAX_FLOWS: room for case (b2)'s 100k flows

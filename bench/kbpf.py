@@ -1,4 +1,5 @@
-"""The few bpf(2) commands the benchmarks need, with ctypes (no compiler, no libbpf).
+"""The few BPF calls the benchmarks need beyond the agent's own, on the agent's one
+libbpf binding (ei_ebpf_agent.ebpf.libbpf):
 
 - an EMPTY TC program (`r0 = TC_ACT_UNSPEC; exit`): the floor every measurement is
   compared with;
@@ -11,52 +12,18 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import os
-import platform
 import struct
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from ei_ebpf_agent.ebpf import libbpf
+from ei_ebpf_agent.ebpf.features import RETURN_MINUS_ONE, load_tc_program
 
-# __NR_bpf per architecture.
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
-
-BPF_PROG_LOAD = 5
-BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_LINK_CREATE = 28
-BPF_ENABLE_STATS = 32
-BPF_PROG_TYPE_SCHED_CLS = 3
-BPF_TCX_INGRESS = 46
-BPF_TCX_EGRESS = 47
 BPF_STATS_RUN_TIME = 0
-
-_ATTR_SIZE = 128  # larger than every attr we fill; the kernel checks the tail is zero
-
-
-def _bpf(cmd: int, attr: ctypes.Array, what: str) -> int:
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(f"bpf(2): unknown syscall number on {platform.machine()}")
-    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf({what}) failed: {os.strerror(err)}")
-    return ret
 
 
 def load_empty_tc_program(name: str = "bench_empty") -> int:
     """Load `r0 = -1 (TC_ACT_UNSPEC); exit` as SCHED_CLS; returns the program fd."""
-    insns = struct.pack("<BBhi", 0xB7, 0x00, 0, -1)  # BPF_ALU64|BPF_MOV|BPF_K r0 = -1
-    insns += struct.pack("<BBhi", 0x95, 0x00, 0, 0)  # BPF_JMP|BPF_EXIT
-    insn_buf = ctypes.create_string_buffer(insns, len(insns))
-    license_buf = ctypes.create_string_buffer(b"GPL")
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("<II", attr, 0, BPF_PROG_TYPE_SCHED_CLS, 2)
-    struct.pack_into("<QQ", attr, 8, ctypes.addressof(insn_buf), ctypes.addressof(license_buf))
-    struct.pack_into("16s", attr, 48, name.encode()[:15])
-    return _bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD empty SCHED_CLS")
+    return load_tc_program(RETURN_MINUS_ONE, name.encode()[:15])
 
 
 def tcx_attach(prog_fd: int, ifindex: int, egress: bool) -> int:
@@ -64,17 +31,13 @@ def tcx_attach(prog_fd: int, ifindex: int, egress: bool) -> int:
 
     The ifindex is resolved in the calling thread's network namespace.
     """
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    attach_type = BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS
-    struct.pack_into("<IIII", attr, 0, prog_fd, ifindex, attach_type, 0)
-    return _bpf(BPF_LINK_CREATE, attr, f"BPF_LINK_CREATE tcx ifindex {ifindex}")
+    attach_type = libbpf.BPF_TCX_EGRESS if egress else libbpf.BPF_TCX_INGRESS
+    return libbpf.bpf_link_create(prog_fd, ifindex, attach_type, None)
 
 
 def enable_stats() -> int:
     """Turn kernel BPF run-time statistics on until the returned fd is closed."""
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("<I", attr, 0, BPF_STATS_RUN_TIME)
-    return _bpf(BPF_ENABLE_STATS, attr, "BPF_ENABLE_STATS run_time")
+    return libbpf.bpf_enable_stats(BPF_STATS_RUN_TIME)
 
 
 @dataclass(frozen=True)
@@ -90,12 +53,11 @@ class ProgStats:
 
 
 def prog_stats(prog_fd: int) -> ProgStats:
-    """id, name, run_time_ns and run_cnt of a program (struct bpf_prog_info)."""
-    info = ctypes.create_string_buffer(232)
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("<IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"BPF_OBJ_GET_INFO_BY_FD prog fd {prog_fd}")
-    (prog_id,) = struct.unpack_from("<I", info, 4)
+    """id, name, run_time_ns and run_cnt of a program (struct bpf_prog_info, host order)."""
+    info = ctypes.create_string_buffer(232)  # up to and including run_cnt
+    size = ctypes.c_uint32(len(info))
+    libbpf.bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size))
+    (prog_id,) = struct.unpack_from("=I", info, 4)
     name = info.raw[64:80].split(b"\0", 1)[0].decode()
-    run_time_ns, run_cnt = struct.unpack_from("<QQ", info, 192)
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", info, 192)
     return ProgStats(prog_id, name, run_time_ns, run_cnt)

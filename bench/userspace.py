@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf.layout import FLOW_KEY, FLOW_SLOT, FLOW_VALUE, SLOT_READY
 from ei_ebpf_agent.ebpf.loader import FlowProgram
 from ei_ebpf_agent.exporter import ipfix_encode, pbwire
-from ei_ebpf_agent.ebpf.layout import FLOW_KEY, FLOW_SLOT, FLOW_VALUE, SLOT_READY
 from ei_ebpf_agent.flow.tracer import DRAIN_WINDOW_SLOTS, FlowTracer
 
 TARGET_FLOWS_PER_S = 1_000_000

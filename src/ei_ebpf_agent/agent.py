@@ -15,15 +15,17 @@ import threading
 import time
 
 from ei_ebpf_agent.config import IPAddress, Settings
-from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature, probe
-from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram
+from ei_ebpf_agent.ebpf import features as kernel_features
+from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature
+from ei_ebpf_agent.ebpf.loader import FlowProgram
+from ei_ebpf_agent.errors import AgentStartError
 from ei_ebpf_agent.exporter import Exporter
 from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.flow.tracer import FlowTracer
 from ei_ebpf_agent.ifaces import InterfaceFilter, InterfaceWatcher
 from ei_ebpf_agent.metrics import Metrics
 
-__all__ = ["Agent", "AgentStartError"]
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class Agent:
             features = self._check_kernel()
             program = FlowProgram.load(
                 sampling=settings.sampling, max_flows=settings.cache_max_flows,
-                coarse_clock=features.coarse_clock, cmpxchg=features.cmpxchg,
+                features=features,
             )
             stack.callback(program.close)
             tracer = FlowTracer(program, interfaces_lookup=self._interface_names,
@@ -130,7 +132,7 @@ class Agent:
 
     def _check_kernel(self) -> KernelFeatures:
         """Probe what the kernel offers once; one line if it lacks something needed."""
-        features = probe()
+        features = kernel_features.current()
         features.log_once()
         try:
             features.check()

@@ -51,7 +51,8 @@ def _run_agent() -> int:
     _configure_logging(settings.log_level)
     logging.getLogger("ei_ebpf_agent").info(describe(settings))
 
-    from ei_ebpf_agent.agent import Agent, AgentStartError
+    from ei_ebpf_agent.agent import Agent
+    from ei_ebpf_agent.errors import AgentStartError
 
     try:
         return Agent(settings).run()

@@ -7,14 +7,22 @@ CAP_SYS_ADMIN). CAP_SYS_RESOURCE is needed only where BPF memory is charged to
 RLIMIT_MEMLOCK (kernels before 5.11): libbpf raises the limit there, and leaves it alone
 where memory is charged to the cgroup.
 
-Used to name the missing capability in the one-line error when a load or attach is refused.
+Used to name the missing capability in the one-line error when a load or attach is refused
+(`privileges_message`), with the kernel's lockdown mode when it is on.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
+
+MISSING_PRIVILEGES = (
+    "needs root or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN "
+    "(and CAP_SYS_RESOURCE on kernels before 5.11)"
+)
+LOCKDOWN_PATH = "/sys/kernel/security/lockdown"
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -96,3 +104,31 @@ def missing_message() -> str:
         return ""
     noun = "capability" if len(missing) == 1 else "capabilities"
     return f"missing {noun} {', '.join(missing)}"
+
+
+def is_permission_error(error: OSError) -> bool:
+    return error.errno in (errno.EPERM, errno.EACCES)
+
+
+def lockdown_mode(path: str = LOCKDOWN_PATH) -> str | None:
+    """The kernel's active lockdown mode ("none", "integrity", ...), None if unknown."""
+    try:
+        with open(path) as file:
+            text = file.read()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return None
+
+
+def privileges_message(action: str) -> str:
+    """One line saying what failed, which capabilities are needed, and lockdown if on."""
+    missing = missing_message()  # e.g. "missing capability CAP_BPF"; "" when none is
+    message = (f"{action}: {missing} ({MISSING_PRIVILEGES})" if missing
+               else f"{action}: {MISSING_PRIVILEGES}")
+    mode = lockdown_mode()
+    if mode and mode != "none":
+        message += f"; the kernel is locked down ({mode}), which can forbid BPF even to root"
+    return message

@@ -518,8 +518,8 @@ def synthetic_batch(flows: Sequence[Mapping[str, object]], wall_offset_ns: int =
 
     import numpy as np
 
-    from ei_ebpf_agent.flow.batch import FlowBatch
     from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
+    from ei_ebpf_agent.flow.batch import FlowBatch
 
     records = np.zeros(len(flows), FLOW_RECORD)
     for row, flow in zip(records, flows):

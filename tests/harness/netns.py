@@ -316,23 +316,18 @@ class Topology:
         return out
 
 
-BPF_PROG_QUERY = 16
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
 
 
 def bpf_prog_query_count(ifindex: int, attach_type: int) -> int:
     """Number of programs attached to ifindex (in the calling thread's netns) at attach_type."""
-    import platform
-    import struct
+    from ei_ebpf_agent.ebpf import libbpf
 
-    attr = ctypes.create_string_buffer(struct.pack("=IIII", ifindex, attach_type, 0, 0), 64)
-    nr = _BPF_SYSCALL[platform.machine()]
-    rc = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(BPF_PROG_QUERY), attr, ctypes.c_uint(64))
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err == errno.EINVAL and attach_type in (BPF_TCX_INGRESS, BPF_TCX_EGRESS):
+    count = ctypes.c_uint32(0)
+    try:
+        libbpf.bpf_prog_query(ifindex, attach_type, 0, None, None, ctypes.byref(count))
+    except libbpf.LibbpfError as error:
+        if error.errno == errno.EINVAL and attach_type in (BPF_TCX_INGRESS, BPF_TCX_EGRESS):
             return 0  # a kernel before 6.6 has no TCX: nothing can be attached there
-        raise OSError(err, f"BPF_PROG_QUERY(ifindex={ifindex}, type={attach_type}): "
-                      f"{os.strerror(err)}")
-    return struct.unpack_from("=I", attr.raw, 24)[0]
+        raise
+    return count.value

@@ -119,7 +119,7 @@ def test_image_labels_and_contents(docker, image):
     script = ("set -e; for c in cc gcc clang pip pip3; do if command -v $c; then exit 1; fi; "
               "done; test ! -e /usr/include/linux; "
               "test -z \"$(find /opt/ei-ebpf-agent ! -perm -004 -print -quit)\"; "
-              "python3 -c 'import ei_ebpf_agent.ebpf.loader as l; print(len(l.read_verified_object()))'")
+              "python3 -c 'import ei_ebpf_agent.ebpf.objects as o; print(len(o.read_verified_object()))'")
     done = run([docker, "run", "--rm", "--network", "none", "--read-only", "--user", "65534",
                 "--entrypoint", "sh", image, "-c", script])
     assert int(done.stdout.split()[-1]) > 1000, done.stdout

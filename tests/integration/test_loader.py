@@ -363,8 +363,8 @@ def scenario_busy(args: dict) -> dict:
     import mmap
 
     from ei_ebpf_agent.ebpf import features
-    from ei_ebpf_agent.ebpf.loader import FlowProgram
     from ei_ebpf_agent.ebpf.layout import FLOW_SLOT, SLOT_BUSY
+    from ei_ebpf_agent.ebpf.loader import FlowProgram
     from ei_ebpf_agent.flow.tracer import FlowTracer
 
     cmpxchg = args["fill"] == "cmpxchg"
@@ -436,7 +436,8 @@ def scenario_send(args: dict) -> dict:
 
 
 def scenario_load(_args: dict) -> dict:
-    from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram
+    from ei_ebpf_agent.ebpf.loader import FlowProgram
+    from ei_ebpf_agent.errors import AgentStartError
 
     try:
         FlowProgram.load(max_flows=64).close()
@@ -686,7 +687,9 @@ def test_missing_capabilities_give_one_clear_line(netns) -> None:
 
 
 def test_modified_object_is_refused_before_loading(tmp_path: Path) -> None:
-    from ei_ebpf_agent.ebpf.loader import AgentStartError, FlowProgram, object_name, objects_dir
+    from ei_ebpf_agent.ebpf.loader import FlowProgram
+    from ei_ebpf_agent.ebpf.objects import object_name, objects_dir
+    from ei_ebpf_agent.errors import AgentStartError
 
     name = object_name()
     data = bytearray((objects_dir() / name).read_bytes())

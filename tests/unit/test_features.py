@@ -9,24 +9,13 @@ import pytest
 
 from ei_ebpf_agent.ebpf import features
 from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature
+from ei_ebpf_agent.errors import AgentStartError
 
 
 def make(**flags: bool) -> KernelFeatures:
     base = {"ringbuf": True, "map_in_map": True, "coarse_clock": True, "cmpxchg": True,
             "tcx": True}
     return KernelFeatures(kernel="5.4.0-1-amd64", **{**base, **flags})
-
-
-def test_version_fallback_reads_uname_strings() -> None:
-    assert features.kernel_version_fallback("5.10.0-46-amd64") == {
-        "ringbuf": True, "map_in_map": True, "coarse_clock": False, "cmpxchg": False,
-        "tcx": False}
-    assert features.kernel_version_fallback("6.12.57+deb13-amd64")["tcx"] is True
-    assert features.kernel_version_fallback("6.6.0")["tcx"] is True
-    assert features.kernel_version_fallback("5.7.19")["ringbuf"] is False
-    assert features.kernel_version_fallback("5.11.0")["coarse_clock"] is True
-    assert features.kernel_version_fallback("5.11.0")["cmpxchg"] is False
-    assert features.kernel_version_fallback("5.12.0")["cmpxchg"] is True
 
 
 def test_attach_mode_follows_tcx() -> None:
@@ -69,12 +58,38 @@ def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture,
     assert "TCX" in caplog.records[0].getMessage()
 
 
-def test_a_probe_that_errs_falls_back_to_the_kernel_version(
+def test_a_probe_denied_stops_the_start_with_the_privileges_line(
         monkeypatch: pytest.MonkeyPatch) -> None:
     def denied() -> bool:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(features, "PROBES", {name: denied for name in features.PROBES})
-    assert features.probe("6.1.0-56-amd64") == KernelFeatures(
-        kernel="6.1.0-56-amd64", ringbuf=True, map_in_map=True, coarse_clock=True, cmpxchg=True,
-        tcx=False)
+    monkeypatch.setattr(features, "PROBES", {**features.PROBES, "cmpxchg": denied})
+    monkeypatch.setattr(features, "_map_type_works", lambda _type: True)
+    monkeypatch.setattr(features, "probe_coarse_clock", lambda: True)
+    with pytest.raises(AgentStartError) as raised:
+        features.probe("6.1.0-56-amd64")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("cannot probe the kernel for BPF atomic compare-and-exchange")
+    assert "needs root or CAP_BPF" in message
+
+
+def test_a_probe_that_cannot_tell_is_an_error_not_a_guess(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> bool:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(features, "PROBES", {name: broken for name in features.PROBES})
+    with pytest.raises(AgentStartError, match="cannot probe the kernel for BPF ring buffer "
+                       "maps: .*Input/output error"):
+        features.probe("6.1.0-56-amd64")
+
+
+def test_instructions_are_encoded_for_either_byte_order() -> None:
+    # w? = cmpxchg32(r9 - 0, ...) as clang wrote it into flows_bpfel.o and flows_bpfeb.o
+    assert features.insn(0xC3, 9, 1, 0, 0xF1, byteorder="little").hex(" ") == \
+        "c3 19 00 00 f1 00 00 00"
+    assert features.insn(0xC3, 9, 1, 0, 0xF1, byteorder="big").hex(" ") == \
+        "c3 91 00 00 00 00 00 f1"
+    assert features.insn(0x62, 10, 0, -4, 0, byteorder="big").hex(" ") == \
+        "62 a0 ff fc 00 00 00 00"

@@ -16,9 +16,9 @@ import pytest
 
 from ei_ebpf_agent.collector import serve
 from ei_ebpf_agent.config import Settings
+from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 from ei_ebpf_agent.exporter.grpc import REASON_CLOSED, REASON_QUEUE_FULL, GrpcExporter
 from ei_ebpf_agent.flow.batch import FlowBatch
-from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 
 grpc = pytest.importorskip("grpc")
 

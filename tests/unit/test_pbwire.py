@@ -7,9 +7,9 @@ import ipaddress
 import numpy as np
 import pytest
 
+from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 from ei_ebpf_agent.exporter import pbwire
 from ei_ebpf_agent.flow.batch import FlowBatch
-from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 from ei_ebpf_agent.pbflow import flow_pb2
 
 WALL_OFFSET_NS = 1_700_000_000_123_456_789

@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 from ei_ebpf_agent.exporter.jsonflow import FIELDS
 from ei_ebpf_agent.exporter.stdout import StdoutExporter
 from ei_ebpf_agent.flow.batch import FlowBatch
-from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 
 WALL = 1_700_000_000_000_000_000
 

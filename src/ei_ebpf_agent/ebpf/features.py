@@ -7,10 +7,12 @@ than trusting the version number, because distributions backport BPF features:
 - map-in-map (BPF_MAP_TYPE_ARRAY_OF_MAPS, Linux 4.12): required, the table swap;
 - the coarse clock helper bpf_ktime_get_coarse_ns (Linux 5.11): optional; without it
   the program reads the exact clock, which costs more per packet.
-- atomic compare-and-exchange (BPF_CMPXCHG, Linux 5.12, with the other atomics the
+- atomic compare-and-exchange (BPF_CMPXCHG, Linux 5.12, with the other atomic the
   programs use then: atomic OR): optional; without it the loader picks the programs
   that fill a new flow's slot under a spin lock, which costs more per new flow, and OR
-  TCP flags without an atomic.
+  TCP flags without an atomic. Probed by loading *and running* (BPF_PROG_TEST_RUN) a
+  tiny program with both instructions: a verifier that knows them is not enough where
+  the JIT does not (arm64 before 5.18).
 
 Everything else the program uses is older than the ring buffer: mmapable arrays (the
 flow tables, 5.5), bpf_spin_lock (5.1), bounded loops (5.3).
@@ -21,7 +23,12 @@ The TCX probe touches no interface: it asks for a TCX link on interface index 0,
 kernel that knows TCX refuses with ENODEV (no such device) and an older one with EINVAL
 (unknown attach type) before looking at the interface.
 
-Usage: `features = probe(); features.log_once(); features.check()` (check raises
+A probe answers yes or no, or the agent cannot start: an error other than "unsupported"
+(no privileges, say) raises AgentStartError with one line, and nothing is guessed from
+the kernel version. `current()` probes once per process; the agent's start-up check and
+the loader share that one answer.
+
+Usage: `features = current(); features.log_once(); features.check()` (check raises
 `MissingKernelFeature` whose message is one line naming the feature and kernel needed).
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import platform
@@ -39,6 +47,8 @@ from typing import Callable
 
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.errors import AgentStartError
+from ei_ebpf_agent.privileges import is_permission_error, privileges_message
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +139,22 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+# errno values meaning "this kernel (or its JIT) cannot do that".
+_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, 524}  # 524: ENOTSUPP, the JIT's refusal
+
+
 def _map_type_works(map_type: int) -> bool:
     # libbpf picks sizes valid for the type (a page for a ring buffer, an inner map for
     # map-in-map); 1 = supported, 0 = not, < 0 = it could not tell (e.g. EPERM).
-    if _lib["libbpf_probe_bpf_map_type"](map_type, None) == 1:
+    answer = libbpf.libbpf_probe_bpf_map_type(map_type, None)
+    if answer < 0:
+        raise LibbpfError("libbpf_probe_bpf_map_type", -answer)
+    if answer == 1:
         return True
     # libbpf 1.1 also answers 0 when the process may not create maps at all (no CAP_BPF,
     # lockdown): make sure a plain hash map can be made, else the answer means nothing
-    # (this raises LibbpfError, and probe() falls back to the kernel version).
-    _close(_lib["bpf_map_create"](BPF_MAP_TYPE_HASH, b"ei_probe", 4, 4, 1, None))
+    # (this raises LibbpfError with EPERM).
+    _close(libbpf.bpf_map_create(BPF_MAP_TYPE_HASH, b"ei_probe", 4, 4, 1, None))
     return False
 
 
@@ -151,50 +168,77 @@ def probe_map_in_map() -> bool:
 
 def probe_coarse_clock() -> bool:
     """Whether TC programs may call bpf_ktime_get_coarse_ns."""
-    answer = _lib["libbpf_probe_bpf_helper"](BPF_PROG_TYPE_SCHED_CLS, BPF_FUNC_KTIME_GET_COARSE_NS,
-                                             None)
+    answer = libbpf.libbpf_probe_bpf_helper(BPF_PROG_TYPE_SCHED_CLS,
+                                            BPF_FUNC_KTIME_GET_COARSE_NS, None)
     if answer < 0:
         raise LibbpfError("libbpf_probe_bpf_helper", -answer)
     return answer == 1
 
 
-# r0 = -1 (TC_ACT_UNSPEC / TCX_NEXT); exit. struct bpf_insn: u8 code, u8 regs, s16 off, s32 imm
-_RETURN_MINUS_ONE = struct.pack("=BBhi", 0xB7, 0, 0, -1) + struct.pack("=BBhi", 0x95, 0, 0, 0)
-# *(u32 *)(r10 - 4) = 0; r0 = 0; r1 = 1; w0 = cmpxchg32(r10 - 4, w0, w1); then the above.
-# regs: dst in the low nibble, src in the high one (little-endian hosts only: the agent
-# runs the bpfel object there; on big-endian ones the probe errs and the version decides).
-_CMPXCHG32 = (struct.pack("=BBhi", 0x62, 0x0A, -4, 0)        # BPF_ST | BPF_MEM | BPF_W
-              + struct.pack("=BBhi", 0xB7, 0x00, 0, 0)
-              + struct.pack("=BBhi", 0xB7, 0x01, 0, 1)
-              + struct.pack("=BBhi", 0xC3, 0x1A, -4, 0xF1)   # BPF_STX | BPF_ATOMIC | BPF_W
-              + _RETURN_MINUS_ONE)
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0,
+         byteorder: str = sys.byteorder) -> bytes:
+    """One struct bpf_insn {u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm} in the
+    host's byte order; the register nibbles swap places on big-endian hosts (bit fields)."""
+    little = byteorder == "little"
+    regs = (dst | src << 4) if little else (dst << 4 | src)
+    return struct.pack("<BBhi" if little else ">BBhi", code, regs, off, imm)
+
+
+_BPF_ALU64_MOV_K, _BPF_EXIT, _BPF_ST_MEM_W, _BPF_LDX_MEM_W = 0xB7, 0x95, 0x62, 0x61
+_BPF_STX_ATOMIC_W = 0xC3
+_BPF_OR, _BPF_CMPXCHG = 0x40, 0xF1  # imm of an atomic: the operation (cmpxchg fetches)
+_R0, _R1, _R10 = 0, 1, 10
+
+# r0 = -1 (TC_ACT_UNSPEC / TCX_NEXT); exit
+RETURN_MINUS_ONE = insn(_BPF_ALU64_MOV_K, _R0, imm=-1) + insn(_BPF_EXIT)
+# The atomics of the programs, 32-bit as they use them: *(u32 *)(fp - 4) = 0;
+# w0 = cmpxchg(fp - 4, w0 = 0, w1 = 1) (stores 1); lock *(u32 *)(fp - 4) |= (w1 = 2);
+# return *(u32 *)(fp - 4), which is 3 where both really ran.
+_ATOMICS = (insn(_BPF_ST_MEM_W, _R10, off=-4, imm=0)
+            + insn(_BPF_ALU64_MOV_K, _R0, imm=0)
+            + insn(_BPF_ALU64_MOV_K, _R1, imm=1)
+            + insn(_BPF_STX_ATOMIC_W, _R10, _R1, off=-4, imm=_BPF_CMPXCHG)
+            + insn(_BPF_ALU64_MOV_K, _R1, imm=2)
+            + insn(_BPF_STX_ATOMIC_W, _R10, _R1, off=-4, imm=_BPF_OR)
+            + insn(_BPF_LDX_MEM_W, _R0, _R10, off=-4)
+            + insn(_BPF_EXIT))
+_ATOMICS_RESULT = 3
+
+
+def load_tc_program(instructions: bytes, name: bytes = b"ei_probe") -> int:
+    """Load raw instructions as a SCHED_CLS program; returns its fd (the caller closes it)."""
+    insns = ctypes.create_string_buffer(instructions, len(instructions))
+    return libbpf.bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, name, b"GPL", insns,
+                                len(instructions) // 8, None)
 
 
 def probe_cmpxchg() -> bool:
-    """Whether the verifier accepts BPF_CMPXCHG (5.10 rejects its instruction outright)."""
-    if sys.byteorder != "little":
-        raise OSError(errno.ENOTSUP, "the probe's instructions are little-endian")
-    insns = ctypes.create_string_buffer(_CMPXCHG32, len(_CMPXCHG32))
+    """Whether the kernel loads *and runs* 32-bit compare-and-exchange and atomic OR."""
     try:
-        prog = _lib["bpf_prog_load"](BPF_PROG_TYPE_SCHED_CLS, b"ei_probe", b"GPL", insns,
-                                    len(_CMPXCHG32) // 8, None)
+        prog = load_tc_program(_ATOMICS)
     except LibbpfError as error:
-        if error.errno == errno.EINVAL:
+        if error.errno in _UNSUPPORTED:  # 5.10's verifier; a JIT that cannot emit them
             return False
         raise
-    _close(prog)
-    return True
+    try:
+        packet = ctypes.create_string_buffer(64)  # a TC program runs on at least ETH_HLEN
+        opts = libbpf.make_opts(libbpf.bpf_test_run_opts, data_in=ctypes.addressof(packet),
+                                data_size_in=len(packet), repeat=1)
+        libbpf.bpf_prog_test_run_opts(prog, ctypes.byref(opts))
+        return opts.retval == _ATOMICS_RESULT
+    finally:
+        _close(prog)
 
 
 def probe_tcx() -> bool:
     """Whether BPF_LINK_CREATE knows the TCX attach types (no interface is touched)."""
-    insns = ctypes.create_string_buffer(_RETURN_MINUS_ONE, len(_RETURN_MINUS_ONE))
-    prog = _lib["bpf_prog_load"](BPF_PROG_TYPE_SCHED_CLS, b"ei_probe", b"GPL", insns,
-                                len(_RETURN_MINUS_ONE) // 8, None)
+    prog = load_tc_program(RETURN_MINUS_ONE)
     try:
         link = libbpf.bpf_link_create(prog, 0, libbpf.BPF_TCX_INGRESS, None)
     except LibbpfError as error:
-        return error.errno == errno.ENODEV
+        if error.errno in (errno.ENODEV, errno.EINVAL):
+            return error.errno == errno.ENODEV
+        raise
     else:  # cannot happen with index 0; never leave a link behind
         _close(link)
         return True
@@ -211,58 +255,23 @@ PROBES: dict[str, Callable[[], bool]] = {
 }
 
 
-def kernel_version_fallback(release: str) -> dict[str, bool]:
-    """Feature flags guessed from a `uname -r` string (used only when a probe errs)."""
-    numbers = []
-    for part in release.split("-")[0].split(".")[:2]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        numbers.append(int(digits or 0))
-    version = tuple(numbers + [0] * (2 - len(numbers)))
-    return {name: version >= _version_key(FEATURES[name][1]) for name in FEATURES}
-
-
 def probe(release: str | None = None) -> KernelFeatures:
-    """Probe every feature. A probe that fails for another reason than "unsupported"
-    (no privileges, say) falls back to the kernel version, logged at debug level."""
-    release = release or platform.release()
-    guess = kernel_version_fallback(release)
+    """Probe every feature; AgentStartError (one line) if a probe cannot tell."""
     found = {}
     for name, function in PROBES.items():
         try:
             found[name] = function()
-        except (OSError, AttributeError) as error:
-            log.debug("probing %s failed (%s): assuming %s from kernel %s",
-                      name, error, guess[name], release)
-            found[name] = guess[name]
-    return KernelFeatures(kernel=release, **found)
+        except OSError as error:
+            if is_permission_error(error):
+                raise AgentStartError(
+                    privileges_message(f"cannot probe the kernel for {FEATURES[name][0]}")
+                ) from error
+            raise AgentStartError(
+                f"cannot probe the kernel for {FEATURES[name][0]}: {error}") from error
+    return KernelFeatures(kernel=release or platform.release(), **found)
 
 
-# libbpf >= 1.0 functions only the probes need, bound here (same error style as
-# libbpf.py: a negative errno raises LibbpfError).
-def _bind() -> dict[str, Callable]:
-    lib = ctypes.CDLL(libbpf._lib._name, use_errno=True)  # own handle: own argtypes
-    bound = {}
-    signatures = {
-        "libbpf_probe_bpf_map_type": ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int, None),
-        "libbpf_probe_bpf_helper": (
-            [ctypes.c_int, ctypes.c_int, ctypes.c_void_p], ctypes.c_int, None,
-        ),
-        "bpf_map_create": (
-            [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
-             ctypes.c_void_p], ctypes.c_int, libbpf._check_int,
-        ),
-        "bpf_prog_load": (
-            [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
-             ctypes.c_void_p], ctypes.c_int, libbpf._check_int,
-        ),
-    }
-    for name, (argtypes, restype, errcheck) in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-        if errcheck:
-            function.errcheck = errcheck
-        bound[name] = function
-    return bound
-
-
-_lib = _bind()
+@functools.lru_cache(maxsize=1)
+def current() -> KernelFeatures:
+    """This kernel's features, probed on first use and then remembered for the process."""
+    return probe()

@@ -140,6 +140,26 @@ class bpf_map_info(Structure):
     ]
 
 
+class bpf_test_run_opts(Structure):
+    _fields_ = [
+        ("sz", c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint32),
+        ("data_size_out", c_uint32),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint32),
+        ("ctx_size_out", c_uint32),
+        ("retval", c_uint32),
+        ("repeat", c_int),
+        ("duration", c_uint32),
+        ("flags", c_uint32),
+        ("cpu", c_uint32),
+        ("batch_size", c_uint32),
+    ]
+
+
 def make_opts(struct_type: type, **fields: Any) -> Any:
     """An option struct zeroed, with `sz` set to the size of our definition."""
     opts = struct_type(**fields)
@@ -214,6 +234,19 @@ _SIGNATURES: dict = {
         [c_int, c_char_p, c_uint32, c_uint32, c_uint32, POINTER(bpf_map_create_opts)], c_int,
         _check_int, False,
     ),
+    "bpf_prog_load": (
+        [c_int, c_char_p, c_char_p, c_void_p, c_size_t, c_void_p], c_int, _check_int, False,
+    ),
+    "bpf_prog_test_run_opts": ([c_int, POINTER(bpf_test_run_opts)], c_int, _check_int, False),
+    # target_fd doubles as the interface index for TC/TCX queries (a union in the UAPI).
+    "bpf_prog_query": (
+        [c_int, c_uint, c_uint32, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32)],
+        c_int, _check_int, False,
+    ),
+    "bpf_enable_stats": ([c_int], c_int, _check_int, False),
+    # 1 = supported, 0 = not, < 0 = cannot tell: the caller decides, no errcheck.
+    "libbpf_probe_bpf_map_type": ([c_int, c_void_p], c_int, _check_none, False),
+    "libbpf_probe_bpf_helper": ([c_int, c_int, c_void_p], c_int, _check_none, False),
     "bpf_map__initial_value": (
         [POINTER(bpf_map), POINTER(c_size_t)], c_void_p, _check_ptr, False,
     ),

@@ -1,17 +1,9 @@
-"""Open, configure and load the embedded eBPF object; attach it to interfaces and detach it.
+"""Open, configure and load the embedded eBPF object; the loaded programs and maps.
 
-`FlowProgram.load()` verifies the object's sha256 before libbpf sees it, sets the
-load-time configuration (.rodata `agent_config`, table sizes), loads it and checks that
-slot 0 of `flows_outer` points to `flows_a`. `FlowProgram.attach()` hooks a program on
-one direction of one interface with TCX (kernel >= 6.6) or a clsact filter, and returns
-an `Attachment` whose `detach()` removes exactly that and nothing else.
-
-Teardown removes only what the agent created: a TCX link is closed; a tc filter is
-deleted by the handle and priority the kernel gave it; a clsact qdisc is deleted only
-if this process created it and no filter at all is left on it (anybody else's filters
-keep it). A qdisc that existed before is never deleted; so is one created by an agent
-that died (its next run finds it existing), which is harmless: an empty clsact does
-nothing.
+`FlowProgram.load()` reads the object verified by `objects`, sets the load-time
+configuration (.rodata `agent_config`, table sizes), loads it and checks that the tables
+have the size asked for and slot 0 of `flows_outer` points to `flows_a`. Attaching is
+`attach.Attacher`'s job; `FlowProgram.attach()` hands it on.
 """
 
 from __future__ import annotations
@@ -19,20 +11,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import logging
 import os
-import sys
-import threading
-from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf import features as kernel_features
 from ei_ebpf_agent.ebpf import libbpf
-from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.ebpf.attach import Attacher, Attachment
 from ei_ebpf_agent.ebpf.layout import AGENT_CONFIG, FLOW_SLOT
-from ei_ebpf_agent.privileges import missing_message
+from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.ebpf.objects import object_name, read_verified_object
+from ei_ebpf_agent.errors import AgentStartError
+from ei_ebpf_agent.privileges import is_permission_error, privileges_message
 
 log = logging.getLogger(__name__)
 
@@ -50,181 +42,53 @@ SLOTS_PER_FLOW = 2
 STORES_IN_ORDER_MACHINES = ("x86_64", "i386", "i686")
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10
-MODES = ("any", "tcx", "tc")
-
-MISSING_PRIVILEGES = (
-    "needs root or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN "
-    "(and CAP_SYS_RESOURCE on kernels before 5.11)"
-)
-LOCKDOWN_PATH = "/sys/kernel/security/lockdown"
-
-# errno values meaning "this kernel has no TCX": fall back to a clsact filter.
-_NO_TCX = {errno.EINVAL, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, 524}  # 524: ENOTSUPP
-# errno values on detach meaning "already gone with its interface".
-_GONE = {errno.ENODEV, errno.ENOENT}
-
-_TC_H_CLSACT_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
-_TC_H_CLSACT_EGRESS = 0xFFFFFFF3
-
-_mode_logged = threading.Event()  # the TCX/tc choice is logged once per process
-_tcx_unsupported = threading.Event()  # learnt once: no use trying TCX again
-
-
-class _ExistingQdiscFilter(logging.Filter):
-    """Drop libbpf's warning for an existing clsact qdisc: the agent expects and accepts it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Exclusivity flag on" not in record.getMessage()
-
-
-logging.getLogger("libbpf").addFilter(_ExistingQdiscFilter())
-
-
-class AgentStartError(Exception):
-    """The agent cannot start; the message is one line for the user (the cause is chained)."""
-
-
-def object_name(byteorder: str = sys.byteorder) -> str:
-    """File name of the embedded object for this host's byte order."""
-    return "flows_bpfel.o" if byteorder == "little" else "flows_bpfeb.o"
-
-
-def objects_dir() -> Any:
-    """The directory of the embedded objects, found through the package's resources."""
-    return resources.files("ei_ebpf_agent") / "ebpf_objects"
-
-
-def read_verified_object(directory: Any = None, name: str | None = None) -> bytes:
-    """The object's bytes, after checking them against the sha256 listed in SHA256SUMS."""
-    directory = objects_dir() if directory is None else directory
-    name = name or object_name()
-    try:
-        data = (directory / name).read_bytes()
-        sums = (directory / "SHA256SUMS").read_text()
-    except OSError as error:
-        raise AgentStartError(f"cannot read the embedded eBPF object {name}: {error}") from error
-    expected = None
-    for line in sums.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("*") == name:
-            expected = parts[0].lower()
-    if expected is None:
-        raise AgentStartError(f"SHA256SUMS lists no checksum for {name}: refusing to load it")
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise AgentStartError(
-            f"eBPF object {name} is corrupt or was modified: sha256 {actual}, "
-            f"SHA256SUMS says {expected}; refusing to load it"
-        )
-    return data
-
-
-def lockdown_mode(path: str = LOCKDOWN_PATH) -> str | None:
-    """The kernel's active lockdown mode ("none", "integrity", ...), None if unknown."""
-    try:
-        with open(path) as file:
-            text = file.read()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.startswith("[") and word.endswith("]"):
-            return word[1:-1]
-    return None
-
-
-def privileges_message(action: str) -> str:
-    """One line saying what failed, which capabilities are needed, and lockdown if on."""
-    missing = missing_message()  # e.g. "missing capability CAP_BPF"; "" when none is
-    message = (f"{action}: {missing} ({MISSING_PRIVILEGES})" if missing
-               else f"{action}: {MISSING_PRIVILEGES}")
-    mode = lockdown_mode()
-    if mode and mode != "none":
-        message += f"; the kernel is locked down ({mode}), which can forbid BPF even to root"
-    return message
-
-
-def _is_permission(error: OSError) -> bool:
-    return error.errno in (errno.EPERM, errno.EACCES)
-
-
-class Attachment:
-    """One program hooked on one direction of one interface; `detach()` undoes exactly it."""
-
-    def __init__(self, if_index: int, direction: str, mode: str,
-                 release: Callable[[], None]) -> None:
-        self.if_index = if_index
-        self.direction = direction
-        self.mode = mode  # "tcx" or "tc": what was actually used
-        self._release: Callable[[], None] | None = release
-        self._lock = threading.Lock()
-
-    @property
-    def attached(self) -> bool:
-        return self._release is not None
-
-    def detach(self) -> None:
-        """Remove the hook. Idempotent; an interface that is already gone is not an error."""
-        with self._lock:
-            release, self._release = self._release, None
-        if release is not None:
-            release()
-
-    def __repr__(self) -> str:
-        state = "attached" if self.attached else "detached"
-        return f"<Attachment {self.direction} if_index={self.if_index} {self.mode} {state}>"
-
-
-class _Qdisc:
-    """The agent's view of the clsact qdisc of one interface."""
-
-    def __init__(self, created: bool) -> None:
-        self.created = created  # by this process: only then may it delete it
-        self.users = 0  # our tc filters on it
 
 
 class FlowProgram:
     """The loaded flow object: program and map fds, and the attachments made with it."""
 
-    def __init__(self, obj: Any, buffer: Any, name: str, cmpxchg: bool = True) -> None:
+    def __init__(self, obj: Any, buffer: Any, name: str, *, cmpxchg: bool, table_slots: int,
+                 tcx: bool) -> None:
         self._obj = obj
         self._buffer = buffer  # libbpf reads the ELF from it until the object is closed
         self._stack = contextlib.ExitStack()  # replaced by load() with the real teardown
         self.name = name
-        self._lock = threading.Lock()
-        self._attachments: list[Attachment] = []
-        self._qdiscs: dict[int, _Qdisc] = {}
         self.cmpxchg = cmpxchg
         self.prog_fds = {
             direction: libbpf.bpf_program__fd(self._program(prog))
             for direction, prog in _programs(cmpxchg).items()
         }
         self.map_fds = {name: libbpf.bpf_map__fd(self._map(name)) for name in MAPS}
-        self.table_slots = libbpf.bpf_map__max_entries(self._map("flows_a"))
-        self.max_flows = self.table_slots // SLOTS_PER_FLOW
+        self.table_slots = table_slots  # what agent_config and both tables were given
+        self.max_flows = table_slots // SLOTS_PER_FLOW
         self.ncpus = libbpf.libbpf_num_possible_cpus()
+        self._attacher = Attacher(self.prog_fds, tcx)
 
     # -- loading ------------------------------------------------------------------------
 
     @classmethod
     def load(cls, *, sampling: int = 0, max_flows: int = 5000,
              ringbuf_bytes: int | None = None, objects: Any = None,
+             features: kernel_features.KernelFeatures | None = None,
              coarse_clock: bool | None = None, cmpxchg: bool | None = None,
              stores_in_order: bool | None = None) -> FlowProgram:
         """Verify, open, configure and load the embedded object.
 
         `objects` is a directory (Traversable or Path) holding the object and SHA256SUMS;
-        by default the package's `ebpf_objects`. `coarse_clock`: time flows with the
-        kernel's tick-precise clock (default: when the kernel has it, Linux 5.11+).
+        by default the package's (objects.objects_dir). `features`: what the kernel has
+        (default: features.current(), probed once per process). `coarse_clock`: time
+        flows with the kernel's tick-precise clock (default: when the kernel has it).
         `cmpxchg`: load the programs that claim a new flow's slot with compare-and-exchange
-        rather than a spin lock (default: when the kernel has it, Linux 5.12+).
+        rather than a spin lock (default: when the kernel has it).
         `stores_in_order`: write a new flow's first counts with its key, in plain stores,
         which is exact only where CPUs make stores visible in order (default: on x86).
         Raises AgentStartError with one line.
         """
+        features = features or kernel_features.current()
         if coarse_clock is None:
-            coarse_clock = _kernel_has("coarse_clock")
+            coarse_clock = features.coarse_clock
         if cmpxchg is None:
-            cmpxchg = _kernel_has("cmpxchg")
+            cmpxchg = features.cmpxchg
         if stores_in_order is None:
             stores_in_order = os.uname().machine in STORES_IN_ORDER_MACHINES
         name = object_name()
@@ -237,21 +101,23 @@ class FlowProgram:
             except LibbpfError as error:
                 raise AgentStartError(f"cannot open eBPF object {name}: {error}") from error
             stack.callback(libbpf.bpf_object__close, obj)
-            _configure(obj, name, sampling, max_flows, ringbuf_bytes, coarse_clock, cmpxchg,
+            table_slots = SLOTS_PER_FLOW * max_flows
+            _configure(obj, name, sampling, table_slots, ringbuf_bytes, coarse_clock, cmpxchg,
                        stores_in_order)
             try:
                 with contextlib.ExitStack() as tables:
-                    _create_tables(obj, SLOTS_PER_FLOW * max_flows, tables)
+                    _create_tables(obj, table_slots, tables)
                     libbpf.bpf_object__load(obj)
             except LibbpfError as error:
-                if _is_permission(error):
+                if is_permission_error(error):
                     raise AgentStartError(
                         privileges_message(f"cannot load eBPF object {name}")
                     ) from error
                 raise AgentStartError(
                     f"cannot load eBPF object {name}: {error} (libbpf's log says why)"
                 ) from error
-            program = cls(obj, buffer, name, cmpxchg)
+            program = cls(obj, buffer, name, cmpxchg=cmpxchg, table_slots=table_slots,
+                          tcx=features.tcx)
             program._stack = stack.pop_all()
         try:
             program._check_maps()
@@ -278,6 +144,11 @@ class FlowProgram:
                     f"{self.name}: map {name} has key/value sizes {info.key_size}/"
                     f"{info.value_size}, the agent expects 4/{FLOW_SLOT.itemsize}: "
                     "object and agent versions differ"
+                )
+            if info.max_entries != self.table_slots:  # the program masks hashes with it
+                raise AgentStartError(
+                    f"{self.name}: map {name} has {info.max_entries} slots, agent_config "
+                    f"says {self.table_slots}"
                 )
         # Slot 0 must point to flows_a (libbpf fills it from `.values`; make sure).
         wanted = libbpf.map_info(self.map_fds["flows_a"]).id
@@ -312,130 +183,16 @@ class FlowProgram:
     # -- attaching ----------------------------------------------------------------------
 
     def attach(self, if_index: int, direction: str, mode: str = "any") -> Attachment:
-        """Hook the program of `direction` ("ingress"/"egress") on interface `if_index`.
-
-        mode "tcx" (kernel >= 6.6), "tc" (clsact filter) or "any" (TCX, else tc).
-        Raises AgentStartError when privileges are missing, LibbpfError otherwise.
-        """
-        if direction not in PROGRAMS:
-            raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        try:
-            if mode == "tcx" or (mode == "any" and not _tcx_unsupported.is_set()):
-                try:
-                    attachment = self._attach_tcx(if_index, direction)
-                except LibbpfError as error:
-                    if mode == "tcx" or error.errno not in _NO_TCX:
-                        raise
-                    _tcx_unsupported.set()
-                    log.info("TCX is not available (%s): attaching with clsact tc filters",
-                             error)
-                    _mode_logged.set()
-                    attachment = self._attach_tc(if_index, direction)
-                else:
-                    if mode == "any" and not _mode_logged.is_set():
-                        _mode_logged.set()
-                        log.info("attaching with TCX links")
-            else:
-                attachment = self._attach_tc(if_index, direction)
-        except LibbpfError as error:
-            if _is_permission(error):
-                raise AgentStartError(privileges_message(
-                    f"cannot attach the {direction} program to interface index {if_index}"
-                )) from error
-            raise
-        with self._lock:
-            self._attachments.append(attachment)
-        return attachment
-
-    def _attach_tcx(self, if_index: int, direction: str) -> Attachment:
-        attach_type = libbpf.BPF_TCX_INGRESS if direction == "ingress" else libbpf.BPF_TCX_EGRESS
-        # libbpf 1.1 passes attach types it does not know straight to the kernel.
-        link_fd = libbpf.bpf_link_create(self.prog_fds[direction], if_index, attach_type, None)
-
-        def release() -> None:
-            os.close(link_fd)  # the link is ours alone: closing it detaches the program
-
-        return Attachment(if_index, direction, "tcx", self._forget(release))
-
-    def _attach_tc(self, if_index: int, direction: str) -> Attachment:
-        point = libbpf.BPF_TC_INGRESS if direction == "ingress" else libbpf.BPF_TC_EGRESS
-        with self._lock:
-            qdisc = self._qdiscs.get(if_index)
-            if qdisc is None:
-                hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index,
-                                        attach_point=point)
-                try:
-                    libbpf.bpf_tc_hook_create(ctypes.byref(hook))
-                    qdisc = _Qdisc(created=True)
-                except LibbpfError as error:
-                    if error.errno != errno.EEXIST:
-                        raise
-                    qdisc = _Qdisc(created=False)  # somebody else's: accept, never delete
-                self._qdiscs[if_index] = qdisc
-            hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index, attach_point=point)
-            opts = libbpf.make_opts(libbpf.bpf_tc_opts, prog_fd=self.prog_fds[direction])
-            try:
-                # handle and priority 0: the kernel picks free ones, libbpf reports them.
-                libbpf.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
-            except LibbpfError:
-                self._release_qdisc(if_index)
-                raise
-            qdisc.users += 1
-            handle, priority = opts.handle, opts.priority
-
-        def release() -> None:
-            detach = libbpf.make_opts(libbpf.bpf_tc_opts, handle=handle, priority=priority)
-            try:
-                libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(detach))
-            except LibbpfError as error:
-                if error.errno not in _GONE:
-                    raise
-            finally:
-                with self._lock:
-                    self._qdiscs[if_index].users -= 1
-                    self._release_qdisc(if_index)
-
-        return Attachment(if_index, direction, "tc", self._forget(release))
-
-    def _release_qdisc(self, if_index: int) -> None:
-        """Forget the qdisc once unused; delete it if we created it and it holds no filter."""
-        qdisc = self._qdiscs[if_index]
-        if qdisc.users > 0:
-            return
-        del self._qdiscs[if_index]
-        if not qdisc.created or _has_tc_filters(if_index) is not False:
-            return  # not ours, gone, or unsure: leave it
-        hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index,
-                                attach_point=libbpf.BPF_TC_INGRESS | libbpf.BPF_TC_EGRESS)
-        try:
-            libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))
-        except LibbpfError as error:
-            if error.errno not in _GONE:
-                log.warning("cannot delete the clsact qdisc of interface index %d: %s",
-                            if_index, error)
-
-    def _forget(self, release: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            with self._lock:
-                self._attachments = [a for a in self._attachments if a.attached]
-            release()
-
-        return run
+        """Hook the program of `direction` on interface `if_index` (see Attacher.attach)."""
+        return self._attacher.attach(if_index, direction, mode)
 
     @property
     def attachments(self) -> list[Attachment]:
-        with self._lock:
-            return [a for a in self._attachments if a.attached]
+        return self._attacher.attachments
 
     def detach_all(self) -> None:
         """Detach every attachment still in place, newest first."""
-        for attachment in reversed(self.attachments):
-            try:
-                attachment.detach()
-            except OSError as error:
-                log.warning("cannot detach %r: %s", attachment, error)
+        self._attacher.detach_all()
 
     # -- maps ---------------------------------------------------------------------------
 
@@ -464,17 +221,7 @@ def _programs(cmpxchg: bool) -> dict[str, str]:
     return PROGRAMS if cmpxchg else LOCK_PROGRAMS
 
 
-def _kernel_has(feature: str) -> bool:
-    """An optional kernel feature (features.PROBES), probed, else guessed from the version."""
-    from ei_ebpf_agent.ebpf import features
-
-    try:
-        return features.PROBES[feature]()
-    except (OSError, AttributeError):
-        return features.kernel_version_fallback(os.uname().release)[feature]
-
-
-def _configure(obj: Any, name: str, sampling: int, max_flows: int,
+def _configure(obj: Any, name: str, sampling: int, table_slots: int,
                ringbuf_bytes: int | None, coarse_clock: bool, cmpxchg: bool,
                stores_in_order: bool) -> None:
     """Set .rodata agent_config and map sizes before load; pick the programs to load."""
@@ -501,7 +248,7 @@ def _configure(obj: Any, name: str, sampling: int, max_flows: int,
     config = np.zeros(1, dtype=AGENT_CONFIG)
     config["sampling"] = sampling
     config["coarse_clock"] = int(coarse_clock)
-    config["table_slots"] = SLOTS_PER_FLOW * max_flows
+    config["table_slots"] = table_slots
     config["stores_in_order"] = int(stores_in_order)
     config["hash_seed"] = int.from_bytes(os.urandom(8), "little")
     data[: AGENT_CONFIG.itemsize] = config.tobytes()  # agent_config sits at offset 0
@@ -530,7 +277,7 @@ def _create_tables(obj: Any, slots: int, stack: contextlib.ExitStack) -> None:
             fd = libbpf.bpf_map_create(BPF_MAP_TYPE_ARRAY, table.encode(), 4, FLOW_SLOT.itemsize,
                                        slots, ctypes.byref(opts))
         except LibbpfError as error:
-            if _is_permission(error):
+            if is_permission_error(error):
                 raise AgentStartError(privileges_message(f"cannot create map {table}")) from error
             raise AgentStartError(
                 f"cannot create flow table {table} of {slots} slots "
@@ -542,19 +289,3 @@ def _create_tables(obj: Any, slots: int, stack: contextlib.ExitStack) -> None:
         libbpf.bpf_map__reuse_fd(libbpf.bpf_object__find_map_by_name(obj, table.encode()), fd)
     outer = libbpf.bpf_object__find_map_by_name(obj, b"flows_outer")
     libbpf.bpf_map__set_inner_map_fd(outer, fds["flows_a"])
-
-
-def _has_tc_filters(if_index: int) -> bool | None:
-    """Whether any tc filter is on the clsact ingress or egress of `if_index`; None if unsure."""
-    try:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            for parent in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_EGRESS):
-                if list(ipr.get_filters(index=if_index, parent=parent)):
-                    return True
-    except Exception as error:  # netlink trouble: keep the qdisc rather than guess
-        log.debug("cannot list the tc filters of interface index %d: %s", if_index, error,
-                  exc_info=True)
-        return None
-    return False

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.ebpf.layout import DIRECTION_EGRESS, DIRECTION_INGRESS
+from ei_ebpf_agent.flow.batch import FlowBatch
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER_LEN = 16

@@ -26,9 +26,6 @@ from typing import Callable
 import numpy as np
 
 from ei_ebpf_agent.ebpf import libbpf
-from ei_ebpf_agent.ebpf.libbpf import LibbpfError
-from ei_ebpf_agent.ebpf.loader import FlowProgram
-from ei_ebpf_agent.flow.batch import FlowBatch, IPAddress
 from ei_ebpf_agent.ebpf.layout import (
     COUNTER_RINGBUF_LOST,
     COUNTER_RINGBUF_RECORDS,
@@ -41,6 +38,9 @@ from ei_ebpf_agent.ebpf.layout import (
     SLOT_READY,
     SLOT_VALUE_OFFSET,
 )
+from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.ebpf.loader import FlowProgram
+from ei_ebpf_agent.flow.batch import FlowBatch, IPAddress
 
 log = logging.getLogger(__name__)
 

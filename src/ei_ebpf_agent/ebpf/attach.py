@@ -1,0 +1,225 @@
+"""Hook the flow programs on interfaces with TCX links or clsact tc filters, and unhook them.
+
+`Attacher.attach()` hooks one direction of one interface and returns an `Attachment`
+whose `detach()` removes exactly that and nothing else.
+
+Teardown removes only what the agent created: a TCX link is closed; a tc filter is
+deleted by the handle and priority the kernel gave it; a clsact qdisc is deleted only
+if this process created it and no filter at all is left on it (anybody else's filters
+keep it). A qdisc that existed before is never deleted; so is one created by an agent
+that died (its next run finds it existing), which is harmless: an empty clsact does
+nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from typing import Callable
+
+from ei_ebpf_agent.ebpf import libbpf
+from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.errors import AgentStartError
+from ei_ebpf_agent.privileges import is_permission_error, privileges_message
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("ingress", "egress")
+MODES = ("any", "tcx", "tc")
+
+# errno values on detach meaning "already gone with its interface".
+_GONE = {errno.ENODEV, errno.ENOENT}
+
+_TC_H_CLSACT_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+_TC_H_CLSACT_EGRESS = 0xFFFFFFF3
+
+
+class _ExistingQdiscFilter(logging.Filter):
+    """Drop libbpf's warning for an existing clsact qdisc: the agent expects and accepts it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Exclusivity flag on" not in record.getMessage()
+
+
+logging.getLogger("libbpf").addFilter(_ExistingQdiscFilter())
+
+
+class Attachment:
+    """One program hooked on one direction of one interface; `detach()` undoes exactly it."""
+
+    def __init__(self, if_index: int, direction: str, mode: str,
+                 release: Callable[[], None]) -> None:
+        self.if_index = if_index
+        self.direction = direction
+        self.mode = mode  # "tcx" or "tc": what was actually used
+        self._release: Callable[[], None] | None = release
+        self._lock = threading.Lock()
+
+    @property
+    def attached(self) -> bool:
+        return self._release is not None
+
+    def detach(self) -> None:
+        """Remove the hook. Idempotent; an interface that is already gone is not an error."""
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"<Attachment {self.direction} if_index={self.if_index} {self.mode} {state}>"
+
+
+class _Qdisc:
+    """The agent's view of the clsact qdisc of one interface."""
+
+    def __init__(self, created: bool) -> None:
+        self.created = created  # by this process: only then may it delete it
+        self.users = 0  # our tc filters on it
+
+
+class Attacher:
+    """Attaches the programs `prog_fds` (direction -> fd) and keeps track of what it did.
+
+    `tcx`: whether the kernel has TCX links (features.KernelFeatures.tcx, probed once at
+    start); mode "any" uses them then, and clsact filters otherwise.
+    """
+
+    def __init__(self, prog_fds: dict[str, int], tcx: bool) -> None:
+        self.prog_fds = prog_fds
+        self.tcx = tcx
+        self._lock = threading.Lock()
+        self._attachments: list[Attachment] = []
+        self._qdiscs: dict[int, _Qdisc] = {}
+
+    def attach(self, if_index: int, direction: str, mode: str = "any") -> Attachment:
+        """Hook the program of `direction` ("ingress"/"egress") on interface `if_index`.
+
+        mode "tcx" (kernel >= 6.6), "tc" (clsact filter) or "any" (TCX if the kernel has
+        it, else tc). Raises AgentStartError when privileges are missing, LibbpfError
+        otherwise.
+        """
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        use_tcx = mode == "tcx" or (mode == "any" and self.tcx)
+        try:
+            attachment = (self._attach_tcx if use_tcx else self._attach_tc)(if_index, direction)
+        except LibbpfError as error:
+            if is_permission_error(error):
+                raise AgentStartError(privileges_message(
+                    f"cannot attach the {direction} program to interface index {if_index}"
+                )) from error
+            raise
+        with self._lock:
+            self._attachments.append(attachment)
+        return attachment
+
+    def _attach_tcx(self, if_index: int, direction: str) -> Attachment:
+        attach_type = libbpf.BPF_TCX_INGRESS if direction == "ingress" else libbpf.BPF_TCX_EGRESS
+        # libbpf 1.1 passes attach types it does not know straight to the kernel.
+        link_fd = libbpf.bpf_link_create(self.prog_fds[direction], if_index, attach_type, None)
+
+        def release() -> None:
+            os.close(link_fd)  # the link is ours alone: closing it detaches the program
+
+        return Attachment(if_index, direction, "tcx", self._forget(release))
+
+    def _attach_tc(self, if_index: int, direction: str) -> Attachment:
+        point = libbpf.BPF_TC_INGRESS if direction == "ingress" else libbpf.BPF_TC_EGRESS
+        with self._lock:
+            qdisc = self._qdiscs.get(if_index)
+            if qdisc is None:
+                hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index,
+                                        attach_point=point)
+                try:
+                    libbpf.bpf_tc_hook_create(ctypes.byref(hook))
+                    qdisc = _Qdisc(created=True)
+                except LibbpfError as error:
+                    if error.errno != errno.EEXIST:
+                        raise
+                    qdisc = _Qdisc(created=False)  # somebody else's: accept, never delete
+                self._qdiscs[if_index] = qdisc
+            hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index, attach_point=point)
+            opts = libbpf.make_opts(libbpf.bpf_tc_opts, prog_fd=self.prog_fds[direction])
+            try:
+                # handle and priority 0: the kernel picks free ones, libbpf reports them.
+                libbpf.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+            except LibbpfError:
+                self._release_qdisc(if_index)
+                raise
+            qdisc.users += 1
+            handle, priority = opts.handle, opts.priority
+
+        def release() -> None:
+            detach = libbpf.make_opts(libbpf.bpf_tc_opts, handle=handle, priority=priority)
+            try:
+                libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(detach))
+            except LibbpfError as error:
+                if error.errno not in _GONE:
+                    raise
+            finally:
+                with self._lock:
+                    self._qdiscs[if_index].users -= 1
+                    self._release_qdisc(if_index)
+
+        return Attachment(if_index, direction, "tc", self._forget(release))
+
+    def _release_qdisc(self, if_index: int) -> None:
+        """Forget the qdisc once unused; delete it if we created it and it holds no filter."""
+        qdisc = self._qdiscs[if_index]
+        if qdisc.users > 0:
+            return
+        del self._qdiscs[if_index]
+        if not qdisc.created or has_tc_filters(if_index) is not False:
+            return  # not ours, gone, or unsure: leave it
+        hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index,
+                                attach_point=libbpf.BPF_TC_INGRESS | libbpf.BPF_TC_EGRESS)
+        try:
+            libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))
+        except LibbpfError as error:
+            if error.errno not in _GONE:
+                log.warning("cannot delete the clsact qdisc of interface index %d: %s",
+                            if_index, error)
+
+    def _forget(self, release: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with self._lock:
+                self._attachments = [a for a in self._attachments if a.attached]
+            release()
+
+        return run
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        with self._lock:
+            return [a for a in self._attachments if a.attached]
+
+    def detach_all(self) -> None:
+        """Detach every attachment still in place, newest first."""
+        for attachment in reversed(self.attachments):
+            try:
+                attachment.detach()
+            except OSError as error:
+                log.warning("cannot detach %r: %s", attachment, error)
+
+
+def has_tc_filters(if_index: int) -> bool | None:
+    """Whether any tc filter is on the clsact ingress or egress of `if_index`; None if unsure."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for parent in (_TC_H_CLSACT_INGRESS, _TC_H_CLSACT_EGRESS):
+                if list(ipr.get_filters(index=if_index, parent=parent)):
+                    return True
+    except Exception as error:  # netlink trouble: keep the qdisc rather than guess
+        log.debug("cannot list the tc filters of interface index %d: %s", if_index, error,
+                  exc_info=True)
+        return None
+    return False
