@@ -3,15 +3,20 @@
  * The one definition of every type shared between the kernel program and the
  * agent. src/ei_ebpf_agent/ebpf/layout.py mirrors it as numpy dtypes and
  * tests/unit/test_layout.py proves, from the compiled object's BTF, that both agree.
- * Fixed-width types, explicit padding, no bitfields, no pointers.
+ * Fixed-width types, explicit padding, no bitfields, no pointers. The constants are
+ * enums, so that they reach the BTF too (flows.bpf.c, btf_enums) and the same test
+ * compares each value with layout.py.
  */
 #ifndef EI_FLOW_H
 #define EI_FLOW_H
 
 #include <linux/types.h>
 
-#define FLOW_DIRECTION_INGRESS 0
-#define FLOW_DIRECTION_EGRESS 1
+/* flow_key.direction: the TC hook that saw the packet. */
+enum flow_direction {
+	FLOW_DIRECTION_INGRESS = 0,
+	FLOW_DIRECTION_EGRESS = 1,
+};
 
 /* Flow identity. Addresses are 16 bytes, IPv4 mapped as ::ffff:a.b.c.d.
  * Multi-byte integers are in host byte order. */
@@ -23,7 +28,7 @@ struct flow_key {
 	__u16 src_port;     /* TCP/UDP/SCTP; 0 otherwise */
 	__u16 dst_port;
 	__u8 protocol;  /* IP protocol number; 0 for non-IP */
-	__u8 direction; /* FLOW_DIRECTION_* */
+	__u8 direction; /* enum flow_direction */
 	__u8 icmp_type; /* ICMP/ICMPv6 only */
 	__u8 icmp_code;
 	__u8 _pad0[2];
@@ -38,7 +43,7 @@ struct flow_value {
 	__u64 first_seen_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
 	__u64 last_seen_ns;
 	__u32 sampling;  /* sampling rate in force when the flow was created */
-	__u16 tcp_flags; /* OR of TCP flags, plus FLOW_FLAG_*_ACK combinations */
+	__u16 tcp_flags; /* OR of TCP flags, plus enum flow_flag bits */
 	__u8 dscp;
 	__u8 _pad0;
 	__u8 src_mac[6];
@@ -50,10 +55,13 @@ _Static_assert(
 	__builtin_offsetof(struct flow_value, tcp_flags) % 4 == 0,
 	"tcp_flags must start a 32-bit word: the program ORs into that word atomically");
 
-/* SYN+ACK, FIN+ACK, RST+ACK seen in one packet (pbflow "flags" semantics). */
-#define FLOW_FLAG_SYN_ACK 0x100
-#define FLOW_FLAG_FIN_ACK 0x200
-#define FLOW_FLAG_RST_ACK 0x400
+/* Bits of flow_value.tcp_flags above the TCP header's 8: SYN+ACK, FIN+ACK, RST+ACK seen
+ * in one packet (pbflow "flags" semantics). */
+enum flow_flag {
+	FLOW_FLAG_SYN_ACK = 0x100,
+	FLOW_FLAG_FIN_ACK = 0x200,
+	FLOW_FLAG_RST_ACK = 0x400,
+};
 
 /* One slot of a flow table (a BPF array used as an open-addressing hash table with
  * triangular probing). Two cache lines: state and key in the first, the value alone in the
@@ -61,7 +69,7 @@ _Static_assert(
  * (compare-and-exchange to SLOT_BUSY, or a spin lock on kernels before 5.12), writes the
  * key and value, then state = SLOT_READY, and never empties one. */
 struct flow_slot {
-	__u32 state; /* SLOT_* */
+	__u32 state; /* enum slot_state */
 	__u32 _pad0;
 	struct flow_key key;
 	__u8 _pad1[8];
@@ -71,9 +79,12 @@ _Static_assert(sizeof(struct flow_slot) == 128, "flow_slot must be two cache lin
 _Static_assert(__builtin_offsetof(struct flow_slot, value) == 64,
 	       "flow_value must start a cache line of its slot");
 
-#define SLOT_EMPTY 0
-#define SLOT_READY 1
-#define SLOT_BUSY 2 /* claimed, key being written */
+/* flow_slot.state. */
+enum slot_state {
+	SLOT_EMPTY = 0,
+	SLOT_READY = 1,
+	SLOT_BUSY = 2, /* claimed, key being written */
+};
 
 /* A packet that found the flow table full: sent through the ring buffer. */
 struct flow_record {

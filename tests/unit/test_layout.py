@@ -2,7 +2,8 @@
 
 Reads the BTF of every object in pkg/ebpf with `bpftool btf dump file -j` and compares
 each struct's size and every member's offset and size with src/ei_ebpf_agent/ebpf/layout.py,
-so bpf/flow.h and its Python mirror cannot drift silently.
+and every constant of every enum with the constant of the same name there, so bpf/flow.h and
+its Python mirror cannot drift silently.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ei_ebpf_agent.ebpf import layout
 from ei_ebpf_agent.ebpf.layout import (
     AGENT_CONFIG,
     FLOW_KEY,
@@ -125,3 +127,23 @@ def test_rodata_holds_only_agent_config(btf: Btf) -> None:
     assert var["offset"] == 0
     assert var["size"] == AGENT_CONFIG.itemsize
     assert btf.resolve(btf.types[var["type_id"]]["type_id"])["name"] == "agent_config"
+
+
+# The enums of bpf/flow.h; flows.bpf.c's btf_enums puts them into the BTF.
+SHARED_ENUMS = ("flow_direction", "flow_flag", "slot_state", "agent_counter")
+
+
+def test_every_shared_enum_is_in_the_btf(btf: Btf) -> None:
+    for name in SHARED_ENUMS:
+        btf.named("ENUM", name)
+
+
+def test_enum_values_match_layout_constants(btf: Btf) -> None:
+    """Every constant of every enum in the object has its value in layout.py, by name."""
+    enums = [t for t in btf.types.values() if t["kind"] in ("ENUM", "ENUM64")]
+    assert enums, "no enum in the BTF"
+    for enum in enums:
+        for member in enum["values"]:
+            name, value = member["name"], member["val"]
+            assert hasattr(layout, name), f"layout.py has no {name} (enum {enum['name']})"
+            assert getattr(layout, name) == value, f"{name} (enum {enum['name']})"

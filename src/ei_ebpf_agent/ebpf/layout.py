@@ -1,7 +1,8 @@
 """numpy mirrors of the structs in bpf/flow.h (the one definition of the layout).
 
 tests/unit/test_layout.py compares every size and offset below with the BTF of the
-compiled objects, so the two cannot drift silently.
+compiled objects, and every constant of flow.h's enums with the constant of the same
+name here, so the two cannot drift silently.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ FLOW_SLOT = np.dtype(
         "itemsize": 128,
     }
 )
+# enum slot_state: flow_slot.state
 SLOT_EMPTY = 0
 SLOT_READY = 1
 SLOT_BUSY = 2  # claimed by a CPU that is writing its key; never left so in an idle table
@@ -84,14 +86,16 @@ AGENT_CONFIG = np.dtype(
 KEY_FIELDS = FLOW_KEY.names
 VALUE_FIELDS = FLOW_VALUE.names
 
-DIRECTION_INGRESS = 0
-DIRECTION_EGRESS = 1
+# enum flow_direction: flow_key.direction
+FLOW_DIRECTION_INGRESS = 0
+FLOW_DIRECTION_EGRESS = 1
 
-# enum agent_counter
+# enum agent_counter: indexes of the per-CPU `counters` map
 COUNTER_RINGBUF_RECORDS = 0
 COUNTER_RINGBUF_LOST = 1
 COUNTER_MAX = 2
 
-FLAG_SYN_ACK = 0x100
-FLAG_FIN_ACK = 0x200
-FLAG_RST_ACK = 0x400
+# enum flow_flag: flow_value.tcp_flags bits above the TCP header's 8
+FLOW_FLAG_SYN_ACK = 0x100
+FLOW_FLAG_FIN_ACK = 0x200
+FLOW_FLAG_RST_ACK = 0x400

@@ -38,7 +38,7 @@ TABLES = ("flows_a", "flows_b")
 # short (most flows sit in their home slot or next to it; see MAX_PROBES in the C source).
 SLOTS_PER_FLOW = 2
 # Machines whose CPUs make plain stores visible to others in program order (x86-TSO):
-# there a new flow's counters are written with its key (bpf/flows.bpf.c, write_slot).
+# there a new flow's counters are written with its key (bpf/flow_table.h, write_slot).
 STORES_IN_ORDER_MACHINES = ("x86_64", "i386", "i686")
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_MMAPABLE = 1 << 10

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ei_ebpf_agent.ebpf.layout import DIRECTION_EGRESS, DIRECTION_INGRESS
+from ei_ebpf_agent.ebpf.layout import FLOW_DIRECTION_EGRESS, FLOW_DIRECTION_INGRESS
 from ei_ebpf_agent.flow.batch import FlowBatch
 
 IPFIX_VERSION = 10
@@ -144,8 +144,8 @@ def fill_records(template_id: int, rows: np.ndarray, wall_offset_ns: int) -> np.
     out["flowEndMilliseconds"] = _ms(rows["last_seen_ns"], wall_offset_ns)
     direction = rows["direction"]
     if_index = rows["if_index"]
-    out["ingressInterface"] = np.where(direction == DIRECTION_INGRESS, if_index, 0)
-    out["egressInterface"] = np.where(direction == DIRECTION_EGRESS, if_index, 0)
+    out["ingressInterface"] = np.where(direction == FLOW_DIRECTION_INGRESS, if_index, 0)
+    out["egressInterface"] = np.where(direction == FLOW_DIRECTION_EGRESS, if_index, 0)
     out["samplingPacketInterval"] = np.maximum(rows["sampling"], 1)  # 0 means every packet
     out["flowDirection"] = direction  # IANA: 0 ingress, 1 egress, as the kernel's
     out["sourceMacAddress"] = rows["src_mac"]

@@ -40,6 +40,7 @@ import json
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf.layout import FLOW_DIRECTION_EGRESS, FLOW_DIRECTION_INGRESS
 from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.pbflow import flow_pb2
 
@@ -68,7 +69,8 @@ FIELDS = (
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
-_DIRECTIONS = {0: '"ingress"', 1: '"egress"'}
+# The kernel's direction numbers, which pbflow's Direction enum shares (pbwire copies them).
+_DIRECTIONS = {FLOW_DIRECTION_INGRESS: '"ingress"', FLOW_DIRECTION_EGRESS: '"egress"'}
 
 # Filled with text already in JSON form: faster than json.dumps of a dict per flow, and
 # the one place that fixes the key order.
