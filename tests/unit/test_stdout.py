@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 from ei_ebpf_agent.exporter.jsonflow import FIELDS
 from ei_ebpf_agent.exporter.stdout import StdoutExporter
 from ei_ebpf_agent.flow.batch import FlowBatch
-from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
 
 WALL = 1_700_000_000_000_000_000
 
@@ -89,7 +89,7 @@ def test_one_json_line_per_flow_with_fixed_keys() -> None:
     assert flows[2]["eth_protocol"] == 0x0806
     assert flows[2]["src_addr"] is None and flows[2]["dst_addr"] is None
     assert flows[2]["interface"] == ""
-    assert exporter.exported_flows == 3
+    assert exporter.stats.exported_flows == 3
 
 
 def test_empty_batch_writes_nothing() -> None:

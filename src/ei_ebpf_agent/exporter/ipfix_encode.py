@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf.layout import DIRECTION_EGRESS, DIRECTION_INGRESS, ETH_P_IP, ETH_P_IPV6
 from ei_ebpf_agent.flow.batch import FlowBatch
-from ei_ebpf_agent.ebpf.layout import DIRECTION_EGRESS, DIRECTION_INGRESS
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER_LEN = 16
@@ -30,8 +30,6 @@ TEMPLATE_IPV4 = 256
 TEMPLATE_IPV6 = 257
 TEMPLATE_NON_IP = 258
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 IPPROTO_TCP = 6
 
 # Private Enterprise Number for fields IANA does not define (RTT, DNS, drops: later).

@@ -40,6 +40,7 @@ import json
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf.layout import ETH_P_IP, ETH_P_IPV6
 from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.pbflow import flow_pb2
 
@@ -66,8 +67,6 @@ FIELDS = (
     "agent_ip",
 )
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 _DIRECTIONS = {0: '"ingress"', 1: '"egress"'}
 
 # Filled with text already in JSON form: faster than json.dumps of a dict per flow, and

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
 from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
-
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+from ei_ebpf_agent.net import IPAddress
 
 
 @dataclass(frozen=True)
