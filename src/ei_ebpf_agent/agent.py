@@ -19,7 +19,7 @@ from ei_ebpf_agent.ebpf import features as kernel_features
 from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature
 from ei_ebpf_agent.ebpf.loader import FlowProgram
 from ei_ebpf_agent.errors import AgentStartError
-from ei_ebpf_agent.exporter import Exporter
+from ei_ebpf_agent.exporter import Exporter, make_exporter
 from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.flow.tracer import FlowTracer
 from ei_ebpf_agent.ifaces import InterfaceFilter, InterfaceWatcher
@@ -30,21 +30,6 @@ __all__ = ["Agent"]
 log = logging.getLogger(__name__)
 
 EXPORT_CLOSE_TIMEOUT = 10.0  # seconds the exporter may take to flush at shutdown
-
-
-def make_exporter(settings: Settings) -> Exporter:
-    """The exporter named by EXPORT (config has already validated the name)."""
-    if settings.export.startswith("ipfix+"):
-        from ei_ebpf_agent.exporter.ipfix import IpfixExporter
-
-        return IpfixExporter.from_settings(settings)
-    if settings.export == "grpc":
-        from ei_ebpf_agent.exporter.grpc import GrpcExporter
-
-        return GrpcExporter(settings)
-    from ei_ebpf_agent.exporter.stdout import StdoutExporter
-
-    return StdoutExporter()
 
 
 def detect_agent_ip() -> IPAddress:

@@ -17,14 +17,11 @@ from typing import Callable, TextIO
 import grpc
 
 from ei_ebpf_agent.exporter.jsonflow import record_line
+from ei_ebpf_agent.net import host_port
 from ei_ebpf_agent.pbflow import SERVICE_NAME, flow_pb2
 
 # Large enough for GRPC_MESSAGE_MAX_FLOWS well beyond its default of 10000.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-def _target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def serve(
@@ -66,13 +63,13 @@ def serve(
     )
     try:
         if credentials is None:
-            bound = server.add_insecure_port(_target(host, port))
+            bound = server.add_insecure_port(host_port(host, port))
         else:
-            bound = server.add_secure_port(_target(host, port), credentials)
+            bound = server.add_secure_port(host_port(host, port), credentials)
     except RuntimeError as err:
-        raise RuntimeError(f"cannot listen on {_target(host, port)}: {err}") from err
+        raise RuntimeError(f"cannot listen on {host_port(host, port)}: {err}") from err
     if bound == 0:  # older grpcio reports failure this way
-        raise RuntimeError(f"cannot listen on {_target(host, port)}")
+        raise RuntimeError(f"cannot listen on {host_port(host, port)}")
     server.start()
     return server, bound
 
@@ -106,7 +103,7 @@ def run_collector(host: str, port: int, out: TextIO | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
-    print(f"collector listening on {_target(host, bound)}", file=sys.stderr, flush=True)
+    print(f"collector listening on {host_port(host, bound)}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass

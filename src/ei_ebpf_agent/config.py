@@ -11,13 +11,18 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar, Union
+from typing import Callable, NamedTuple, TypeVar
 
-from ei_ebpf_agent.ifaces import compile_entry
+from ei_ebpf_agent.net import IPAddress, Transport, compile_entry, host_port
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+class ExportKind(NamedTuple):
+    """What one EXPORT value means."""
+
+    exporter: str  # the module of ei_ebpf_agent.exporter that implements it
+    transport: Transport | None  # None: no collector (stdout)
 
 
 class ConfigError(ValueError):
@@ -30,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    export: str = "stdout"  # one of EXPORTS
+    export: str = "stdout"  # one of EXPORTS (also the metrics' `exporter` label)
     target_host: str | None = None
     target_port: int | None = None
     target_tls_ca_cert_path: Path | None = None
@@ -59,24 +64,34 @@ class Settings:
     ipfix_max_message_size: int = 0  # 0: 1400 on UDP, 65535 on TCP
     ipfix_template_refresh_interval: float = 60.0  # seconds; 0 disables (UDP only)
     ipfix_template_refresh_messages: int = 1000  # 0 disables (UDP only)
+    # What EXPORT means (EXPORT_KINDS), set from `export`: the exporter module, the transport.
+    exporter: str = field(init=False)
+    transport: Transport | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        kind = EXPORT_KINDS[self.export]
+        object.__setattr__(self, "exporter", kind.exporter)
+        object.__setattr__(self, "transport", kind.transport)
 
 
-# Accepted values, one tuple each so that later formats (ipfix+udp, ipfix+tcp) are one edit.
-EXPORTS: tuple[str, ...] = ("stdout", "grpc", "ipfix+udp", "ipfix+tcp")
-EXPORTS_NEEDING_TARGET: tuple[str, ...] = ("grpc", "ipfix+udp", "ipfix+tcp")
+# Accepted values. A new export format is one row here and one module in exporter/.
+EXPORT_KINDS: dict[str, ExportKind] = {
+    "stdout": ExportKind("stdout", None),
+    "grpc": ExportKind("grpc", Transport.TCP),
+    "ipfix+udp": ExportKind("ipfix", Transport.UDP),
+    "ipfix+tcp": ExportKind("ipfix", Transport.TCP),
+}
+EXPORTS: tuple[str, ...] = tuple(EXPORT_KINDS)
+EXPORTS_NEEDING_TARGET: tuple[str, ...] = tuple(
+    name for name, kind in EXPORT_KINDS.items() if kind.transport is not None)
 LISTEN_MODES: tuple[str, ...] = ("watch", "poll")
 DIRECTIONS: tuple[str, ...] = ("both", "ingress", "egress")
 TC_ATTACH_MODES: tuple[str, ...] = ("any", "tcx", "tc")
 
 TRACE = 5  # Python logging has no TRACE; below DEBUG like logrus' trace
 LOG_LEVELS: dict[str, int] = {
-    "trace": TRACE,
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "fatal": logging.CRITICAL,
+    "trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+    "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
     "panic": logging.CRITICAL,
 }
 
@@ -252,17 +267,17 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     return Settings(**{k: v for k, v in values.items() if v is not None})
 
 
+
 def describe(settings: Settings) -> str:
     """One log line with the effective configuration (paths are shown, never their content)."""
     s = settings
     parts = [f"export={s.export}"]
     if s.export in EXPORTS_NEEDING_TARGET:
-        host = f"[{s.target_host}]" if ":" in (s.target_host or "") else s.target_host
-        parts.append(f"target={host}:{s.target_port}")
+        parts.append(f"target={host_port(s.target_host or '', s.target_port or 0)}")
         tls = "mutual" if s.target_tls_user_cert_path else ("on" if s.target_tls_ca_cert_path
                                                           else "off")
         parts.append(f"tls={tls}")
-        if s.export == "grpc":
+        if s.exporter == "grpc":
             parts.append(f"grpc_message_max_flows={s.grpc_message_max_flows}")
         else:
             parts.append(f"ipfix_domain={s.ipfix_observation_domain_id}"
@@ -282,10 +297,9 @@ def describe(settings: Settings) -> str:
         f"agent_ip={s.agent_ip or 'auto'}",
     ]
     if s.metrics_enable:
-        address = s.metrics_server_address
-        address = f"[{address}]" if ":" in address else address
         scheme = "https" if s.metrics_tls_cert_path else "http"
-        parts.append(f"metrics={scheme}://{address}:{s.metrics_server_port}/{s.metrics_prefix}")
+        address = host_port(s.metrics_server_address, s.metrics_server_port)
+        parts.append(f"metrics={scheme}://{address}/{s.metrics_prefix}")
     else:
         parts.append("metrics=off")
     return "config: " + " ".join(parts)

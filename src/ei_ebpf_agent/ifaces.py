@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import select
 import socket
 import threading
@@ -27,35 +26,12 @@ from collections.abc import Iterable
 from re import Pattern
 from typing import Callable
 
+from ei_ebpf_agent.net import compile_entry
+
 log = logging.getLogger(__name__)
 
-IFNAMSIZ = 16  # kernel limit including the terminating NUL: names have at most 15 characters
 RTMGRP_LINK = 0x1
 LinkCallback = Callable[[int, str], None]
-
-
-def compile_entry(entry: str) -> str | Pattern[str]:
-    """One filter entry: "/regex/" -> compiled regex, anything else -> an exact interface name.
-
-    Raises ValueError naming the entry when the regex does not compile or the name could not
-    be an interface name (so a typo is caught at start, not ignored forever).
-    """
-    if len(entry) >= 2 and entry.startswith("/") and entry.endswith("/"):
-        try:
-            return re.compile(entry[1:-1])
-        except re.error as error:
-            raise ValueError(f"{entry!r} does not compile: {error}") from None
-    if (
-        not entry
-        or len(entry) >= IFNAMSIZ
-        or entry in (".", "..")
-        or any(c in "/:" or c.isspace() for c in entry)
-    ):
-        raise ValueError(
-            f"{entry!r} is not an interface name (1-15 characters without '/', ':' or "
-            "whitespace; write a regex as /regex/)"
-        )
-    return entry
 
 
 class InterfaceFilter:

@@ -4,7 +4,8 @@
 and several agents in one process stay isolated) and a few verbs the agent calls at the
 points where things happen; the agent stays a thin wire. Exporters are not told about
 metrics, nor is the tracer: `watch_exporter` and `watch_tracer` read their cumulative
-counters at scrape time. Every metric and its labels are listed in docs/metrics.md.
+counters at scrape time (an exporter's are its `stats`, an exporter.ExportStats).
+Every metric and its labels are listed in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from ei_ebpf_agent import __version__
 from ei_ebpf_agent.config import Settings
+from ei_ebpf_agent.exporter import Exporter, ExportStats
 
 DEFAULT_PREFIX = "ebpf_agent_"
 # Evictions swap maps (an RCU grace period, ~10 ms) then drain and decode: ms to seconds.
@@ -92,17 +94,12 @@ class Metrics:
         """Report `length()` as queue_length{queue=name} at every scrape."""
         self.queue_length.labels(name).set_function(lambda: float(length()))
 
-    def watch_exporter(self, exporter: object, name: str) -> None:
-        """Report an exporter's counters at every scrape, from its attributes (those it has):
-        exported_flows, exported_batches, export_errors, dropped_by_reason ({reason: flows})
-        and dropped_batches_by_reason (else dropped_batches, as reason "unknown"). Its
-        `queue_length` (property or method) becomes queue_length{queue="export"}."""
-        self._exports.watch(name, exporter)
-        if hasattr(exporter, "queue_length"):
-            def length() -> int:
-                value = exporter.queue_length
-                return value() if callable(value) else value
-            self.watch_queue("export", length)
+    def watch_exporter(self, exporter: Exporter, name: str) -> None:
+        """Report the exporter's `stats` at every scrape, labelled exporter=name; the
+        length of its queue (if it has one) becomes queue_length{queue="export"}."""
+        self._exports.watch(name, exporter.stats)
+        if exporter.stats.queue_length is not None:
+            self.watch_queue("export", exporter.stats.queue_length)
 
     # --- HTTP server ------------------------------------------------------------------
 
@@ -143,16 +140,16 @@ def _int(obj: object, name: str) -> int:
 
 
 class _ExportCollector(Collector):
-    """Per-exporter counters, read from the watched exporters' attributes at scrape time."""
+    """Per-exporter counters, read from the watched exporters' stats at scrape time."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._lock = threading.Lock()
-        self._watched: list[tuple[str, object]] = []
+        self._watched: list[tuple[str, ExportStats]] = []
 
-    def watch(self, name: str, exporter: object) -> None:
+    def watch(self, name: str, stats: ExportStats) -> None:
         with self._lock:
-            self._watched.append((name, exporter))
+            self._watched.append((name, stats))
 
     def collect(self):
         p = self._prefix
@@ -170,30 +167,24 @@ class _ExportCollector(Collector):
         dropped_batches = CounterMetricFamily(
             p + "dropped_batches", "Batches that never reached the collector, by reason.",
             labels=["exporter", "reason"])
-        totals: dict[str, list] = {}
+        totals: dict[str, ExportStats] = {}
         with self._lock:
             watched = list(self._watched)
-        for name, source in watched:
-            total = totals.setdefault(name, [0, 0, 0, {}, {}])
-            total[0] += _int(source, "exported_flows")
-            total[1] += _int(source, "exported_batches")
-            total[2] += _int(source, "export_errors")
-            for reason, count in dict(getattr(source, "dropped_by_reason", {}) or {}).items():
-                total[3][reason] = total[3].get(reason, 0) + count
-            by_reason = getattr(source, "dropped_batches_by_reason", None)
-            if by_reason is None:
-                by_reason = {"unknown": _int(source, "dropped_batches")}
-            for reason, count in dict(by_reason).items():
-                total[4][reason] = total[4].get(reason, 0) + count
-        for name, (f, b, e, dropped_f, dropped_b) in sorted(totals.items()):
-            flows.add_metric([name], f)
-            batches.add_metric([name], b)
-            errors.add_metric([name], e)
-            for reason, count in sorted(dropped_f.items()):
+        for name, stats in watched:  # several exporters under one name are summed
+            now, total = stats.snapshot(), totals.setdefault(name, ExportStats())
+            total.exported(now.exported_flows, now.exported_batches)
+            total.export_errors += now.export_errors
+            for reason, count in now.dropped_by_reason.items():
+                total.drop(reason, count, batches=now.dropped_batches_by_reason.get(reason, 0))
+        for name, total in sorted(totals.items()):
+            flows.add_metric([name], total.exported_flows)
+            batches.add_metric([name], total.exported_batches)
+            errors.add_metric([name], total.export_errors)
+            for reason, count in sorted((r.value, c) for r, c in total.dropped_by_reason.items()):
                 dropped_flows.add_metric([name, reason], count)
-            for reason, count in sorted(dropped_b.items()):
-                if count or reason != "unknown":
-                    dropped_batches.add_metric([name, reason], count)
+            for reason, count in sorted(
+                    (r.value, c) for r, c in total.dropped_batches_by_reason.items()):
+                dropped_batches.add_metric([name, reason], count)
         return [flows, batches, errors, dropped_flows, dropped_batches]
 
     def describe(self):

@@ -51,7 +51,7 @@ def test_collector_process_prints_the_stdout_exporter_lines() -> None:
         ready = proc.stderr.readline()
         match = re.fullmatch(r"collector listening on 127\.0\.0\.1:(\d+)\n", ready)
         assert match, ready
-        exporter = GrpcExporter(
+        exporter = GrpcExporter.from_settings(
             Settings(
                 export="grpc",
                 target_host="127.0.0.1",
@@ -67,7 +67,7 @@ def test_collector_process_prints_the_stdout_exporter_lines() -> None:
         reader.start()
         exporter.export(batch)
         exporter.close(timeout=20)
-        assert exporter.exported_flows == 500
+        assert exporter.stats.exported_flows == 500
         reader.join(timeout=20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from ei_ebpf_agent.config import (
     log_level_number,
     parse_duration,
 )
+from ei_ebpf_agent.net import Transport
 
 GRPC = {"TARGET_HOST": "collector", "TARGET_PORT": "2055"}
 
@@ -65,6 +69,25 @@ def test_export_stdout_and_grpc_are_accepted():
     assert load_settings({"EXPORT": "stdout"}).export == "stdout"
     s = load_settings({"EXPORT": "GRPC", **GRPC})
     assert (s.export, s.target_host, s.target_port) == ("grpc", "collector", 2055)
+
+
+@pytest.mark.parametrize("export, exporter, transport", [
+    ("stdout", "stdout", None), ("grpc", "grpc", Transport.TCP),
+    ("ipfix+udp", "ipfix", Transport.UDP), ("ipfix+tcp", "ipfix", Transport.TCP)])
+def test_export_names_its_exporter_module_and_transport(export, exporter, transport):
+    s = load_settings({"EXPORT": export, **GRPC})
+    assert (s.export, s.exporter, s.transport) == (export, exporter, transport)
+    assert Settings(export=export).transport is transport  # hand-built Settings agree
+    assert callable(importlib.import_module(f"ei_ebpf_agent.exporter.{exporter}")
+                    .EXPORTER.from_settings)
+
+
+def test_config_imports_no_runtime_module():
+    code = ("import sys, ei_ebpf_agent.config; print(*sorted(m for m in sys.modules "
+            "if m.startswith('ei_ebpf_agent')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["ei_ebpf_agent", "ei_ebpf_agent.config", "ei_ebpf_agent.net"]
 
 
 def test_unknown_export_names_the_accepted_ones():

@@ -17,7 +17,8 @@ import pytest
 from ei_ebpf_agent.collector import serve
 from ei_ebpf_agent.config import Settings
 from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
-from ei_ebpf_agent.exporter.grpc import REASON_CLOSED, REASON_QUEUE_FULL, GrpcExporter
+from ei_ebpf_agent.exporter import DropReason
+from ei_ebpf_agent.exporter.grpc import GrpcExporter
 from ei_ebpf_agent.flow.batch import FlowBatch
 
 grpc = pytest.importorskip("grpc")
@@ -85,19 +86,19 @@ def collector():
 
 def test_all_flows_arrive_exactly_once(collector) -> None:
     received, port = collector
-    exporter = GrpcExporter(settings(port), **FAST)
+    exporter = GrpcExporter.from_settings(settings(port), **FAST)
     exporter.export(make_batch(3000, first=1))
     exporter.export(make_batch(2000, first=3001))
     exporter.close(timeout=20)
     assert received.byte_counts() == list(range(1, 5001))
-    assert exporter.exported_flows == 5000
-    assert exporter.exported_batches == 2
-    assert exporter.dropped_flows == 0
+    assert exporter.stats.exported_flows == 5000
+    assert exporter.stats.exported_batches == 2
+    assert exporter.stats.dropped_flows == 0
 
 
 def test_batches_are_split_at_grpc_message_max_flows(collector) -> None:
     received, port = collector
-    exporter = GrpcExporter(settings(port, grpc_message_max_flows=1000), **FAST)
+    exporter = GrpcExporter.from_settings(settings(port, grpc_message_max_flows=1000), **FAST)
     exporter.export(make_batch(2500))
     exporter.close(timeout=20)
     assert sorted(len(m.entries) for m in received.messages) == [500, 1000, 1000]
@@ -106,7 +107,7 @@ def test_batches_are_split_at_grpc_message_max_flows(collector) -> None:
 
 def test_close_flushes_the_queue(collector) -> None:
     received, port = collector
-    exporter = GrpcExporter(settings(port, buffers_length=100), **FAST)
+    exporter = GrpcExporter.from_settings(settings(port, buffers_length=100), **FAST)
     for k in range(20):
         exporter.export(make_batch(100, first=1 + 100 * k))
     exporter.close(timeout=20)
@@ -116,49 +117,44 @@ def test_close_flushes_the_queue(collector) -> None:
 
 def test_delivers_after_the_collector_comes_up() -> None:
     port = free_port()
-    exporter = GrpcExporter(settings(port), **FAST)
+    exporter = GrpcExporter.from_settings(settings(port), **FAST)
     exporter.export(make_batch(500))
     time.sleep(0.5)  # a few failed attempts
-    assert exporter.export_errors > 0
+    assert exporter.stats.export_errors > 0
     received = Received()
     server, _ = serve("127.0.0.1", port, received)
     try:
         received.wait_for(500)
         assert received.byte_counts() == list(range(1, 501))
-        assert exporter.exported_flows == 500
+        assert exporter.stats.exported_flows == 500
     finally:
         exporter.close(timeout=5)
         server.stop(grace=None)
 
 
 def test_queue_overflow_drops_and_counts_without_blocking() -> None:
-    exporter = GrpcExporter(settings(free_port(), buffers_length=2), **FAST)
+    exporter = GrpcExporter.from_settings(settings(free_port(), buffers_length=2), **FAST)
     for k in range(10):
         exporter.export(make_batch(100, first=1 + 100 * k))
     # Nothing listens: at most the queue (2) and the batch being retried (1) are kept; the
     # other batches were dropped, so export() returned without waiting for room.
-    assert exporter.dropped_batches >= 7
-    assert exporter.dropped_by_reason[REASON_QUEUE_FULL] == 100 * exporter.dropped_batches
+    assert exporter.stats.dropped_batches >= 7
+    assert exporter.stats.dropped_by_reason[DropReason.QUEUE_FULL] == 100 * exporter.stats.dropped_batches
     exporter.close(timeout=0.5)
-    assert exporter.exported_flows == 0
-    assert exporter.dropped_flows == 1000
+    assert exporter.stats.exported_flows == 0
+    assert exporter.stats.dropped_flows == 1000
     assert (
-        exporter.dropped_by_reason[REASON_CLOSED]
-        == 1000 - exporter.dropped_by_reason[REASON_QUEUE_FULL]
+        exporter.stats.dropped_by_reason[DropReason.CLOSED]
+        == 1000 - exporter.stats.dropped_by_reason[DropReason.QUEUE_FULL]
     )
 
 
 def test_export_after_close_is_dropped_not_raised(collector) -> None:
     _, port = collector
-    exporter = GrpcExporter(settings(port), **FAST)
+    exporter = GrpcExporter.from_settings(settings(port), **FAST)
     exporter.close(timeout=1)
     exporter.export(make_batch(10))
-    assert exporter.dropped_by_reason == {REASON_CLOSED: 10}
-
-
-def test_missing_target_is_refused() -> None:
-    with pytest.raises(ValueError, match="TARGET_HOST"):
-        GrpcExporter(Settings(export="grpc"))
+    assert exporter.stats.dropped_by_reason == {DropReason.CLOSED: 10}
 
 
 # -- TLS ------------------------------------------------------------------------------
@@ -328,7 +324,7 @@ def _tls_collector(certificates: Path, require_client_auth: bool):
 def test_tls(certificates: Path) -> None:
     received, server, port = _tls_collector(certificates, require_client_auth=False)
     try:
-        exporter = GrpcExporter(
+        exporter = GrpcExporter.from_settings(
             settings(port, target_tls_ca_cert_path=certificates / "ca.crt"), **FAST
         )
         exporter.export(make_batch(300))
@@ -341,7 +337,7 @@ def test_tls(certificates: Path) -> None:
 def test_mutual_tls(certificates: Path) -> None:
     received, server, port = _tls_collector(certificates, require_client_auth=True)
     try:
-        exporter = GrpcExporter(
+        exporter = GrpcExporter.from_settings(
             settings(
                 port,
                 target_tls_ca_cert_path=certificates / "ca.crt",
@@ -360,15 +356,15 @@ def test_mutual_tls(certificates: Path) -> None:
 def test_mutual_tls_without_client_certificate_is_not_delivered(certificates: Path) -> None:
     received, server, port = _tls_collector(certificates, require_client_auth=True)
     try:
-        exporter = GrpcExporter(
+        exporter = GrpcExporter.from_settings(
             settings(port, target_tls_ca_cert_path=certificates / "ca.crt"), **FAST
         )
         exporter.export(make_batch(300))
         time.sleep(0.5)
         exporter.close(timeout=0.5)
         assert received.byte_counts() == []
-        assert exporter.export_errors > 0
-        assert exporter.dropped_flows == 300
+        assert exporter.stats.export_errors > 0
+        assert exporter.stats.dropped_flows == 300
     finally:
         server.stop(grace=None)
 
@@ -376,4 +372,4 @@ def test_mutual_tls_without_client_certificate_is_not_delivered(certificates: Pa
 def test_unreadable_ca_file_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.crt"
     with pytest.raises(OSError, match="TLS CA certificate"):
-        GrpcExporter(settings(1, target_tls_ca_cert_path=missing))
+        GrpcExporter.from_settings(settings(1, target_tls_ca_cert_path=missing))

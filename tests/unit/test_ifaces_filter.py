@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from ei_ebpf_agent.ifaces import InterfaceFilter, InterfaceWatcher, compile_entry
+from ei_ebpf_agent.ifaces import InterfaceFilter, InterfaceWatcher
+from ei_ebpf_agent.net import compile_entry
 
 
 def test_empty_include_matches_every_interface():

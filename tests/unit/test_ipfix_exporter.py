@@ -18,7 +18,9 @@ from harness.ipfix_collectors import (
 )
 
 from ei_ebpf_agent.config import Settings
+from ei_ebpf_agent.exporter import DropReason
 from ei_ebpf_agent.exporter.ipfix import IpfixExporter, IpfixOptions
+from ei_ebpf_agent.net import Transport
 
 needs_tshark = pytest.mark.skipif(tools_missing("tshark") is not None,
                                   reason=str(tools_missing("tshark")))
@@ -71,9 +73,9 @@ def ports_of(records) -> list:
 
 
 @needs_tshark
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize("transport", list(Transport))
 def test_flows_of_every_batch_reach_the_collector_with_templates_first(transport):
-    receiver = MessageReceiver(transport)
+    receiver = MessageReceiver(transport.value)
     exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, transport))
     try:
         exporter.export(batch(50))
@@ -87,18 +89,18 @@ def test_flows_of_every_batch_reach_the_collector_with_templates_first(transport
     assert ports_of(records) == list(range(10000, 10050)) + list(range(20000, 20030))
     assert sum(int(r["cflow.octets"]) for r in records) == sum(
         f["ip_bytes"] for f in flows(50) + flows(30))
-    if transport == "tcp":
+    if transport is Transport.TCP:
         assert max(len(m) for m in messages) > 1400  # TCP messages are not held to the MTU
     else:
         assert max(len(m) for m in messages) <= 1400
-    assert exporter.exported_flows == 80 and exporter.exported_batches == 2
-    assert exporter.dropped_flows == 0
+    assert exporter.stats.exported_flows == 80 and exporter.stats.exported_batches == 2
+    assert exporter.stats.dropped_flows == 0
 
 
 @needs_tshark
 def test_udp_templates_are_refreshed_every_n_data_messages():
     receiver = MessageReceiver("udp")
-    options = IpfixOptions("127.0.0.1", receiver.port, "udp", max_message_size=512,
+    options = IpfixOptions("127.0.0.1", receiver.port, Transport.UDP, max_message_size=512,
                            template_refresh_messages=3, template_refresh_interval=0)
     exporter = IpfixExporter(options)
     try:
@@ -116,13 +118,13 @@ def test_udp_templates_are_refreshed_every_n_data_messages():
 @pytest.mark.parametrize("refresh", [0.3, 0])
 def test_a_collector_started_after_the_exporter_decodes_after_the_template_refresh(refresh):
     port = free_port(socket.SOCK_DGRAM)
-    options = IpfixOptions("127.0.0.1", port, "udp", template_refresh_interval=refresh,
+    options = IpfixOptions("127.0.0.1", port, Transport.UDP, template_refresh_interval=refresh,
                            template_refresh_messages=0)
     exporter = IpfixExporter(options)
     nfcapd = Nfcapd(port=port)
     try:
         exporter.export(batch(5))  # nobody listens yet: templates and data are lost
-        wait_for(lambda: exporter.exported_batches == 1, what="first batch sent")
+        wait_for(lambda: exporter.stats.exported_batches == 1, what="first batch sent")
         nfcapd.start()
         time.sleep(0.5)  # past the refresh interval
         exporter.export(batch(7, first_port=30000))
@@ -143,12 +145,12 @@ def test_a_collector_started_after_the_exporter_decodes_after_the_template_refre
 @needs_tshark
 def test_tcp_exporter_waits_for_a_late_collector_then_delivers_the_queue():
     port = free_port(socket.SOCK_STREAM)
-    exporter = IpfixExporter(IpfixOptions("127.0.0.1", port, "tcp"))
+    exporter = IpfixExporter(IpfixOptions("127.0.0.1", port, Transport.TCP))
     receiver = None
     try:
         exporter.export(batch(10))
         exporter.export(batch(10, first_port=11000))
-        wait_for(lambda: exporter.export_errors, what="a failed connect")
+        wait_for(lambda: exporter.stats.export_errors, what="a failed connect")
         receiver = MessageReceiver("tcp", port=port)
         exporter.close(10)
         messages = all_received(receiver, exporter)
@@ -157,16 +159,16 @@ def test_tcp_exporter_waits_for_a_late_collector_then_delivers_the_queue():
             receiver.stop()
     assert ports_of(tshark_records(messages)) == list(range(10000, 10010)) + \
         list(range(11000, 11010))
-    assert exporter.exported_flows == 20
+    assert exporter.stats.exported_flows == 20
 
 
 @needs_tshark
 def test_tcp_reconnects_after_the_collector_drops_the_connection_with_a_new_session():
     receiver = MessageReceiver("tcp")
-    exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, "tcp"))
+    exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, Transport.TCP))
     try:
         exporter.export(batch(10))
-        wait_for(lambda: exporter.exported_batches == 1, what="first batch")
+        wait_for(lambda: exporter.stats.exported_batches == 1, what="first batch")
         wait_for(lambda: len(receiver.messages) >= 2, what="first messages")
         receiver.close_connections()
         time.sleep(0.2)
@@ -183,34 +185,34 @@ def test_tcp_reconnects_after_the_collector_drops_the_connection_with_a_new_sess
     assert tshark_template_messages(sessions[1])[0] == 0  # templates first on the new session
     assert ports_of(second) == list(range(12000, 12004))
     assert {r["sequence"] for r in second} == {0}  # sequence numbers restart per session
-    assert exporter.exported_flows == 14
+    assert exporter.stats.exported_flows == 14
 
 
 def test_a_full_queue_drops_and_counts_batches_and_close_never_hangs():
     port = free_port(socket.SOCK_STREAM)  # nobody listens: the sender retries with backoff
-    exporter = IpfixExporter(IpfixOptions("127.0.0.1", port, "tcp", queue_length=2))
+    exporter = IpfixExporter(IpfixOptions("127.0.0.1", port, Transport.TCP, queue_length=2))
     exporter.export(batch(1))
     wait_for(lambda: exporter.queue_length == 0, what="sender picks the first batch")
     for _ in range(4):
         exporter.export(batch(3))
-    assert exporter.dropped_by_reason == {"queue_full": 6}
+    assert exporter.stats.dropped_by_reason == {DropReason.QUEUE_FULL: 6}
     start = time.monotonic()
     exporter.close(0.5)
     # close(timeout) gives up on the unreachable collector instead of retrying forever
     # (the contract, not a speed: ample slack over the 0.5 s asked for)
     assert time.monotonic() - start < 10
-    assert exporter.dropped_by_reason == {"queue_full": 6, "closed": 1 + 3 + 3}
-    assert exporter.dropped_batches_by_reason == {"queue_full": 2, "closed": 3}
-    assert exporter.dropped_flows == 13 and exporter.dropped_batches == 5
-    assert exporter.exported_flows == 0
+    assert exporter.stats.dropped_by_reason == {DropReason.QUEUE_FULL: 6, DropReason.CLOSED: 1 + 3 + 3}
+    assert exporter.stats.dropped_batches_by_reason == {DropReason.QUEUE_FULL: 2, DropReason.CLOSED: 3}
+    assert exporter.stats.dropped_flows == 13 and exporter.stats.dropped_batches == 5
+    assert exporter.stats.exported_flows == 0
 
 
 def test_an_unresolvable_collector_never_raises():
-    exporter = IpfixExporter(IpfixOptions("collector.invalid", 4739, "udp"))
+    exporter = IpfixExporter(IpfixOptions("collector.invalid", 4739, Transport.UDP))
     exporter.export(batch(2))
     exporter.close(0.5)
-    assert exporter.export_errors >= 1
-    assert exporter.dropped_by_reason == {"closed": 2}
+    assert exporter.stats.export_errors >= 1
+    assert exporter.stats.dropped_by_reason == {DropReason.CLOSED: 2}
 
 
 def test_options_follow_settings_and_pick_the_transport_from_export():
@@ -220,7 +222,5 @@ def test_options_follow_settings_and_pick_the_transport_from_export():
         ipfix_template_refresh_interval=30.0, ipfix_template_refresh_messages=0))
     assert (options.transport, options.host, options.port, options.queue_length,
             options.observation_domain_id, options.message_size) == \
-        ("tcp", "collector", 4739, 7, 9, 65535)
-    assert IpfixOptions("h", 1, "udp").message_size == 1400
-    with pytest.raises(ValueError, match="transport"):
-        IpfixOptions("h", 1, "sctp")
+        (Transport.TCP, "collector", 4739, 7, 9, 65535)
+    assert IpfixOptions("h", 1, Transport.UDP).message_size == 1400

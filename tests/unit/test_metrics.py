@@ -17,8 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ei_ebpf_agent import __version__
 from ei_ebpf_agent.config import Settings
+from ei_ebpf_agent.exporter import DropReason, ExportStats
 from ei_ebpf_agent.exporter.ipfix import IpfixExporter, IpfixOptions
 from ei_ebpf_agent.metrics import Metrics
+from ei_ebpf_agent.net import Transport
 
 
 def scrape(url: str, context: ssl.SSLContext | None = None) -> dict:
@@ -95,13 +97,14 @@ def test_interfaces_queues_sampling_and_build_info(metrics):
     assert len(info) == 1 and ("version", __version__) in info[0]
 
 
-class Counters(types.SimpleNamespace):
-    """An exporter as watch_exporter sees it: only its counter attributes."""
+def counters(**values) -> types.SimpleNamespace:
+    """An exporter as watch_exporter sees it: only its stats."""
+    return types.SimpleNamespace(stats=ExportStats(**values))
 
 
 def test_exporter_counters_are_read_at_scrape_time(metrics):
     receiver = MessageReceiver("tcp")
-    exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, "tcp", queue_length=1))
+    exporter = IpfixExporter(IpfixOptions("127.0.0.1", receiver.port, Transport.TCP, queue_length=1))
     metrics.watch_exporter(exporter, "ipfix+tcp")
     try:
         batch = synthetic_batch([{"eth_protocol": 0x0800, "packets": 1}] * 5)
@@ -110,9 +113,10 @@ def test_exporter_counters_are_read_at_scrape_time(metrics):
         exporter.export(batch)  # after close: dropped, reason closed
     finally:
         receiver.stop()
-    metrics.watch_exporter(Counters(exported_flows=7, exported_batches=2, export_errors=1,
-                                    dropped_by_reason={"queue_full": 4},
-                                    dropped_batches_by_reason={"queue_full": 1}), "grpc")
+    metrics.watch_exporter(counters(exported_flows=7, exported_batches=2, export_errors=1,
+                                    dropped_by_reason={DropReason.QUEUE_FULL: 4},
+                                    dropped_batches_by_reason={DropReason.QUEUE_FULL: 1}),
+                           "grpc")
     got = scrape(url(metrics))
     ipfix = frozenset({("exporter", "ipfix+tcp")})
     assert got[("test_agent_exported_flows_total", ipfix)] == 5
@@ -128,24 +132,20 @@ def test_exporter_counters_are_read_at_scrape_time(metrics):
     assert got[("test_agent_queue_length", frozenset({("queue", "export")}))] == 0
 
 
-class GrpcLikeExporter:
-    """Counters as the grpc exporter has them: no per-reason batch counts."""
-
-    exported_flows, exported_batches, export_errors = 10, 2, 3
-    dropped_flows, dropped_batches = 6, 2
-    queue_length = 4  # a property there
-
-    def __init__(self) -> None:
-        self.dropped_by_reason = {"retries_exhausted": 6}
-
-
-def test_an_exporter_without_per_reason_batches_reports_them_as_unknown(metrics):
-    metrics.watch_exporter(GrpcLikeExporter(), "grpc")
+def test_flows_dropped_from_part_of_a_batch_count_no_dropped_batch(metrics):
+    exporter = counters(queue_length=lambda: 4)
+    exporter.stats.drop(DropReason.REJECTED, 6, batches=0)  # one message of a batch
+    exporter.stats.drop(DropReason.RETRIES_EXHAUSTED, 4)
+    exporter.stats.error()
+    metrics.watch_exporter(exporter, "grpc")
     got = scrape(url(metrics))
     grpc = frozenset({("exporter", "grpc")})
-    assert got[("test_agent_dropped_flows_total", grpc | {("reason", "retries_exhausted")})] == 6
-    assert got[("test_agent_dropped_batches_total", grpc | {("reason", "unknown")})] == 2
-    assert got[("test_agent_export_errors_total", grpc)] == 3
+    assert got[("test_agent_dropped_flows_total", grpc | {("reason", "rejected")})] == 6
+    assert ("test_agent_dropped_batches_total", grpc | {("reason", "rejected")}) not in got
+    assert got[("test_agent_dropped_flows_total", grpc | {("reason", "retries_exhausted")})] == 4
+    assert got[("test_agent_dropped_batches_total",
+                grpc | {("reason", "retries_exhausted")})] == 1
+    assert got[("test_agent_export_errors_total", grpc)] == 1
     assert got[("test_agent_queue_length", frozenset({("queue", "export")}))] == 4
 
 

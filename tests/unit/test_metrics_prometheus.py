@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from ei_ebpf_agent.exporter import ExportStats
 from ei_ebpf_agent.metrics import Metrics
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
@@ -38,7 +39,8 @@ def test_prometheus_scrapes_the_agent_and_a_query_returns_its_series(tmp_path):
     metrics = Metrics()
     metrics.start_server("127.0.0.1", 0)
     metrics.observe_eviction(0.05)
-    metrics.watch_exporter(types.SimpleNamespace(exported_flows=42), "ipfix+udp")
+    metrics.watch_exporter(types.SimpleNamespace(stats=ExportStats(exported_flows=42)),
+                           "ipfix+udp")
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n"

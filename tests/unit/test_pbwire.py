@@ -119,6 +119,18 @@ def test_encoding_is_byte_identical_to_protobuf(seed: int, agent_ip: str, monkey
     assert message == expected.SerializeToString(deterministic=True)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_big_endian_records_encode_to_the_same_bytes(seed: int) -> None:
+    # As on a big-endian host (s390x, flows_bpfeb.o): the kernel writes the same values
+    # with every multi-byte field big-endian; the wire bytes must not change.
+    native = random_records(np.random.default_rng(seed), 3000)
+    big = native.astype(FLOW_RECORD.newbyteorder(">"))
+    assert big["bytes"].dtype == np.dtype(">u8") and big["if_index"].dtype == np.dtype(">u4")
+    assert big["eth_protocol"].dtype == np.dtype(">u2") and big.tobytes() != native.tobytes()
+    (message,) = pbwire.encode_batch(make_batch(big), max_flows=10_000)
+    assert message == reference(make_batch(native)).SerializeToString(deterministic=True)
+
+
 def test_ipv4_address_is_host_order_integer() -> None:
     rec = np.zeros(1, FLOW_RECORD)
     rec["eth_protocol"] = 0x0800
@@ -169,8 +181,9 @@ def test_max_flows_below_one_is_refused() -> None:
         pbwire.encode_batch(make_batch(np.zeros(1, FLOW_RECORD)), 0)
 
 
+@pytest.mark.parametrize("word_order", ["<u8", ">u8"])  # ">u8": a big-endian host's words
 @pytest.mark.parametrize("seed", range(5))
-def test_rows_are_joined_exactly_whatever_their_pieces(seed: int) -> None:
+def test_rows_are_joined_exactly_whatever_their_pieces(seed: int, word_order: str) -> None:
     # Pieces are stored 8 bytes at a time: the unused bytes of a row's last pieces
     # (8 of them for an empty last piece) run into the next row and must not survive.
     rng = np.random.default_rng(seed)
@@ -182,7 +195,7 @@ def test_rows_are_joined_exactly_whatever_their_pieces(seed: int) -> None:
     data[np.arange(8) >= used[:, :, None]] = 0  # a word's bytes past its used ones are 0
     pieces = pbwire._Pieces(rows)
     for column in range(columns):
-        pieces.words.append(data[:, column].copy().view("<u8").ravel())
+        pieces.words.append(data[:, column].copy().view("<u8").ravel().astype(word_order))
         pieces.used.append(used[:, column].astype(np.uint64))
         pieces.most.append(8)
     expected = b"".join(bytes(data[r, c, : used[r, c]]) for r in range(rows)

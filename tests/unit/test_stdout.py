@@ -89,7 +89,7 @@ def test_one_json_line_per_flow_with_fixed_keys() -> None:
     assert flows[2]["eth_protocol"] == 0x0806
     assert flows[2]["src_addr"] is None and flows[2]["dst_addr"] is None
     assert flows[2]["interface"] == ""
-    assert exporter.exported_flows == 3
+    assert exporter.stats.exported_flows == 3
 
 
 def test_empty_batch_writes_nothing() -> None:

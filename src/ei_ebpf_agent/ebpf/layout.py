@@ -99,3 +99,7 @@ COUNTER_MAX = 2
 FLOW_FLAG_SYN_ACK = 0x100
 FLOW_FLAG_FIN_ACK = 0x200
 FLOW_FLAG_RST_ACK = 0x400
+
+# EtherTypes of a record's eth_protocol (host order), as in linux/if_ether.h.
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD

@@ -17,9 +17,8 @@ A message whose Send timed out may still have reached the collector, so a retry 
 deliver it twice (at-least-once delivery); messages are never reordered
 within a batch, and only one is in flight at a time.
 
-Counters (read them as attributes): exported_flows, exported_batches, export_errors
-(failed Send calls), dropped_flows, dropped_batches, dropped_by_reason ({reason: flows}),
-queue_length.
+What was delivered and dropped is counted in `stats` (exporter.ExportStats;
+export_errors are failed Send calls).
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ from pathlib import Path
 import grpc
 
 from ei_ebpf_agent.config import Settings
-from ei_ebpf_agent.exporter import pbwire
+from ei_ebpf_agent.exporter import BatchQueue, DropReason, ExportStats, pbwire
 from ei_ebpf_agent.flow.batch import FlowBatch
+from ei_ebpf_agent.net import host_port
 from ei_ebpf_agent.pbflow import SEND_METHOD, flow_pb2
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,6 @@ RETRYABLE = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-
-REASON_QUEUE_FULL = "queue_full"
-REASON_RETRIES_EXHAUSTED = "retries_exhausted"
-REASON_REJECTED = "rejected"
-REASON_CLOSED = "closed"
-
 
 @dataclass
 class _Batch:
@@ -89,10 +83,6 @@ class _RateLimitedWarning:
         log.warning(message, *args)
 
 
-def _target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 def _read(path: Path | None, what: str) -> bytes | None:
     if path is None:
         return None
@@ -103,16 +93,14 @@ def _read(path: Path | None, what: str) -> bytes | None:
 
 
 def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
-    """TLS credentials from the TARGET_TLS_* paths; None (plaintext) when none is set."""
+    """TLS credentials from the TARGET_TLS_* paths; None (plaintext) when none is set.
+
+    config has checked that a client certificate and key come together."""
     ca = _read(settings.target_tls_ca_cert_path, "TLS CA certificate")
     cert = _read(settings.target_tls_user_cert_path, "TLS client certificate")
     key = _read(settings.target_tls_user_key_path, "TLS client key")
     if ca is None and cert is None and key is None:
         return None
-    if (cert is None) != (key is None):
-        raise ValueError(
-            "mutual TLS needs both TARGET_TLS_USER_CERT_PATH and TARGET_TLS_USER_KEY_PATH"
-        )
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
@@ -123,29 +111,23 @@ class GrpcExporter:
 
     def __init__(
         self,
-        settings: Settings,
+        target: str,
         *,
+        max_flows: int = 10000,
+        queue_length: int = 50,
+        credentials: grpc.ChannelCredentials | None = None,
         send_timeout: float = 10.0,
         retry_time: float = 60.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
-        if not settings.target_host or not settings.target_port:
-            raise ValueError("the grpc exporter needs TARGET_HOST and TARGET_PORT")
-        self.max_flows = settings.grpc_message_max_flows
+        self.target = target  # "host:port"
+        self.max_flows = max_flows
         self.send_timeout = send_timeout
         self.retry_time = retry_time
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.target = _target(settings.target_host, settings.target_port)
-
-        self.exported_flows = 0
-        self.exported_batches = 0
-        self.export_errors = 0
-        self.dropped_flows = 0
-        self.dropped_batches = 0
-        self.dropped_by_reason: dict[str, int] = {}
-        self.dropped_batches_by_reason: dict[str, int] = {}  # reason -> batches, for metrics
+        self.stats = ExportStats()
 
         options = [
             # The channel reconnects by itself; keep its pace close to ours.
@@ -154,7 +136,6 @@ class GrpcExporter:
             ("grpc.max_reconnect_backoff_ms", int(backoff_max * 1000)),
             ("grpc.max_send_message_length", -1),
         ]
-        credentials = channel_credentials(settings)
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=options)
         else:
@@ -164,21 +145,29 @@ class GrpcExporter:
             request_serializer=None,  # the bytes are already a serialized Records
             response_deserializer=flow_pb2.CollectorReply.FromString,
         )
-        self._queue: queue.Queue[_Batch | None] = queue.Queue(
-            maxsize=max(1, settings.buffers_length)
-        )
-        self._lock = threading.Lock()  # guards the counters
-        self._closed = False
+        self._queue: BatchQueue[_Batch] = BatchQueue(queue_length, self.stats)
         self._deadline = float("inf")  # set by close(): give up sending after it
         self._stop = threading.Event()
         self._warn = _RateLimitedWarning()
         self._thread = threading.Thread(target=self._run, name="grpc-exporter", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **tuning: float) -> GrpcExporter:
+        """EXPORT=grpc: TARGET_*, GRPC_MESSAGE_MAX_FLOWS, BUFFERS_LENGTH; `tuning` sets
+        the timeouts and backoff (tests shorten them)."""
+        return cls(
+            host_port(settings.target_host or "", settings.target_port or 0),
+            max_flows=settings.grpc_message_max_flows,
+            queue_length=settings.buffers_length,
+            credentials=channel_credentials(settings),
+            **tuning,
+        )
+
     @property
     def queue_length(self) -> int:
         """Batches waiting to be sent."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     def export(self, batch: FlowBatch) -> None:
         """Encode and queue the batch; drop and count it when the queue is full. Never blocks."""
@@ -188,14 +177,7 @@ class GrpcExporter:
         flows = [self.max_flows] * (len(messages) - 1) + [
             len(batch) - self.max_flows * (len(messages) - 1)
         ]
-        item = _Batch(messages, flows)
-        if self._closed:
-            self._drop(item, REASON_CLOSED)
-            return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._drop(item, REASON_QUEUE_FULL)
+        if self._queue.put(_Batch(messages, flows), len(batch)) is DropReason.QUEUE_FULL:
             self._warn(
                 "grpc exporter: queue of %d batches full (collector %s down or slow), "
                 "dropped %d flows",
@@ -206,26 +188,18 @@ class GrpcExporter:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, send what is queued within `timeout` seconds, close the channel."""
-        if self._closed:
+        if self._queue.closed:
             return
         self._deadline = time.monotonic() + max(0.0, timeout)
-        self._closed = True
-        try:
-            self._queue.put(None, timeout=self._remaining())  # wakes the sender when idle
-        except queue.Full:
-            pass  # the sender notices `_closed` once the queue is empty
+        # The end marker wakes the sender when idle; if the queue stays full, the sender
+        # notices `closed` once it is empty.
+        self._queue.close(self._remaining())
         self._thread.join(self._remaining())
         self._stop.set()
         self._channel.close()  # also cancels a call still in flight
         self._thread.join(1.0)
-        # Whatever the sender did not get to.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self._drop(item, REASON_CLOSED)
+        for item in self._queue.left():  # whatever the sender did not get to
+            self._drop(item, DropReason.CLOSED)
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -234,16 +208,16 @@ class GrpcExporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._closed and time.monotonic() >= self._deadline:
+            if self._queue.closed and time.monotonic() >= self._deadline:
                 break
             try:
                 item = self._queue.get(timeout=0.5)
             except queue.Empty:
-                if self._closed:
+                if self._queue.closed:
                     break
                 continue
             if item is None:
-                if self._queue.empty():
+                if not len(self._queue):
                     break
                 continue
             self._deliver(item)
@@ -253,16 +227,15 @@ class GrpcExporter:
         backoff = self.backoff_initial
         while item.sent < len(item.messages):
             now = time.monotonic()
-            if self._stop.is_set() or (self._closed and now >= self._deadline):
-                self._drop(item, REASON_CLOSED)
+            if self._stop.is_set() or (self._queue.closed and now >= self._deadline):
+                self._drop(item, DropReason.CLOSED)
                 return
             timeout = min(self.send_timeout, max(0.05, self._deadline - now))
             try:
                 self._send(item.messages[item.sent], timeout=timeout)
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
-                with self._lock:
-                    self.export_errors += 1
+                self.stats.error()
                 if code not in RETRYABLE:
                     self._warn(
                         "grpc exporter: collector %s rejected %d flows: %s %s",
@@ -271,7 +244,8 @@ class GrpcExporter:
                         code,
                         _details(err),
                     )
-                    self._drop_message(item, REASON_REJECTED)
+                    self.stats.drop(DropReason.REJECTED, item.flows[item.sent], batches=0)
+                    item.sent += 1
                     continue
                 if time.monotonic() >= give_up:
                     self._warn(
@@ -281,7 +255,7 @@ class GrpcExporter:
                         code,
                         item.remaining_flows(),
                     )
-                    self._drop(item, REASON_RETRIES_EXHAUSTED)
+                    self._drop(item, DropReason.RETRIES_EXHAUSTED)
                     return
                 self._warn(
                     "grpc exporter: sending to %s failed (%s %s), retrying",
@@ -292,35 +266,23 @@ class GrpcExporter:
                 # Jittered exponential backoff, cut short by close().
                 pause = min(backoff, self.backoff_max) * random.uniform(0.5, 1.0)
                 pause = min(pause, max(0.0, give_up - time.monotonic()))
-                if self._closed:
+                if self._queue.closed:
                     pause = min(pause, self._remaining())
                 self._stop.wait(pause)
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
-            with self._lock:
-                self.exported_flows += item.flows[item.sent]
+            self.stats.exported(item.flows[item.sent], batches=0)
             item.sent += 1
             backoff = self.backoff_initial
-        with self._lock:
-            self.exported_batches += 1
+        self.stats.exported(0)
 
-    def _drop_message(self, item: _Batch, reason: str) -> None:
-        flows = item.flows[item.sent]
-        with self._lock:
-            self.dropped_flows += flows
-            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + flows
-        item.sent += 1
-
-    def _drop(self, item: _Batch, reason: str) -> None:
-        flows = item.remaining_flows()
-        with self._lock:
-            self.dropped_flows += flows
-            self.dropped_batches += 1
-            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + flows
-            self.dropped_batches_by_reason[reason] = (
-                self.dropped_batches_by_reason.get(reason, 0) + 1)
+    def _drop(self, item: _Batch, reason: DropReason) -> None:
+        self.stats.drop(reason, item.remaining_flows())
         item.sent = len(item.messages)
 
 
 def _details(err: grpc.RpcError) -> str:
     return err.details() if hasattr(err, "details") else str(err)
+
+
+EXPORTER = GrpcExporter

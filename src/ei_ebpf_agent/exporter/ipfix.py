@@ -3,9 +3,8 @@
 `export` only queues the batch (bounded: a full queue drops the batch and counts it);
 one sender thread encodes it with ipfix_encode and sends the messages. The collector
 being down never raises: on TCP the thread reconnects with exponential backoff while
-the queue absorbs what it can; what cannot be sent is counted (attributes exported_flows,
-exported_batches, export_errors, dropped_flows, dropped_batches, dropped_by_reason, like
-the grpc exporter's) and logged on state changes, not per batch.
+the queue absorbs what it can; what cannot be sent is counted in `stats`
+(exporter.ExportStats, like every exporter's) and logged on state changes, not per batch.
 
 Transport sessions (RFC 7011 section 10): a TCP connection is a session, so every new
 connection starts at sequence number 0 and sends the templates first. On UDP the
@@ -16,7 +15,6 @@ and by number of data messages, so a collector started later learns them.
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import socket
 import threading
@@ -24,20 +22,16 @@ import time
 from dataclasses import dataclass
 
 from ei_ebpf_agent.config import Settings
+from ei_ebpf_agent.exporter import BatchQueue, DropReason, ExportStats
 from ei_ebpf_agent.exporter.ipfix_encode import MAX_MESSAGE_LEN, IpfixEncoder
 from ei_ebpf_agent.flow.batch import FlowBatch
+from ei_ebpf_agent.net import Transport
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("udp", "tcp")
 DEFAULT_UDP_MESSAGE_SIZE = 1400  # fits a 1500-byte path MTU with IPv6 + UDP headers
 SEND_TIMEOUT = 10.0  # seconds a blocked TCP send may take before the connection is dropped
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0  # seconds between reconnection attempts
-
-# Reasons (metric label values) for dropped flows, as the grpc exporter's where they match.
-REASON_QUEUE_FULL = "queue_full"  # the collector is down or too slow
-REASON_SEND_ERROR = "send_error"  # the connection failed while the batch was being sent
-REASON_CLOSED = "closed"  # still queued (or unreachable collector) when close() gave up
 
 
 @dataclass(frozen=True)
@@ -46,22 +40,18 @@ class IpfixOptions:
 
     host: str
     port: int
-    transport: str = "udp"  # one of TRANSPORTS
+    transport: Transport = Transport.UDP
     observation_domain_id: int = 1
     max_message_size: int = 0  # 0: 1400 bytes on UDP, 65535 on TCP
     template_refresh_interval: float = 60.0  # seconds, UDP only; 0 disables
     template_refresh_messages: int = 1000  # data messages, UDP only; 0 disables
     queue_length: int = 50  # batches waiting for the sender thread
 
-    def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"IPFIX transport {self.transport!r} is not one of {TRANSPORTS}")
-
     @property
     def message_size(self) -> int:
         if self.max_message_size:
             return self.max_message_size
-        return DEFAULT_UDP_MESSAGE_SIZE if self.transport == "udp" else MAX_MESSAGE_LEN
+        return DEFAULT_UDP_MESSAGE_SIZE if self.transport is Transport.UDP else MAX_MESSAGE_LEN
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IpfixOptions:
@@ -69,7 +59,7 @@ class IpfixOptions:
         return cls(
             host=settings.target_host or "",
             port=settings.target_port or 0,
-            transport=settings.export.split("+", 1)[1] if "+" in settings.export else "udp",
+            transport=settings.transport,
             observation_domain_id=settings.ipfix_observation_domain_id,
             max_message_size=settings.ipfix_max_message_size,
             template_refresh_interval=settings.ipfix_template_refresh_interval,
@@ -78,31 +68,19 @@ class IpfixOptions:
         )
 
 
-_STOP = object()
-
-
 class IpfixExporter:
     """Exporter protocol implementation for IPFIX over UDP or TCP."""
 
     def __init__(self, options: IpfixOptions) -> None:
         self.options = options
-        self.name = f"ipfix+{options.transport}"
-        # Counters, read as attributes (metrics reads them at scrape time), as the grpc
-        # exporter's; guarded by _lock.
-        self.exported_flows = 0
-        self.exported_batches = 0
-        self.export_errors = 0  # failed connects and sends
-        self.dropped_flows = 0
-        self.dropped_batches = 0
-        self.dropped_by_reason: dict[str, int] = {}  # reason -> flows
-        self.dropped_batches_by_reason: dict[str, int] = {}  # reason -> batches
+        self.name = f"ipfix+{options.transport.value}"
+        self.stats = ExportStats()  # export_errors: failed connects and sends
+        # Written by the sender thread only.
         self.messages_sent = 0  # data messages (not templates)
         self.bytes_sent = 0  # bytes of those messages
-        self._lock = threading.Lock()
-        self._closed = False
         # Validate sizes now, at start, rather than in the sender thread.
         IpfixEncoder(options.observation_domain_id, options.message_size)
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=options.queue_length)
+        self._queue: BatchQueue[FlowBatch] = BatchQueue(options.queue_length, self.stats)
         self._sock: socket.socket | None = None
         self._address: tuple | None = None
         self._encoder: IpfixEncoder | None = None
@@ -116,7 +94,7 @@ class IpfixExporter:
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, settings: object) -> IpfixExporter:
+    def from_settings(cls, settings: Settings) -> IpfixExporter:
         return cls(IpfixOptions.from_settings(settings))
 
     # --- Exporter protocol --------------------------------------------------------------
@@ -125,27 +103,17 @@ class IpfixExporter:
         """Queue the batch; drop and count it when the queue is full. Never blocks."""
         if len(batch) == 0:
             return
-        if self._closed:
-            self._drop(REASON_CLOSED, len(batch))
-            return
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            self._drop(REASON_QUEUE_FULL, len(batch))
+        if self._queue.put(batch, len(batch)) is DropReason.QUEUE_FULL:
             log.warning("%s: queue full (%d batches), dropped a batch of %d flows",
                         self.name, self.options.queue_length, len(batch))
 
     def close(self, timeout: float) -> None:
         """Send what is queued, waiting at most `timeout` seconds, then close the socket."""
-        if self._closed:
+        if self._queue.closed:
             return
-        self._closed = True
         self._deadline = time.monotonic() + timeout
         self._closing.set()
-        try:
-            self._queue.put(_STOP, timeout=max(timeout, 0.0))
-        except queue.Full:
-            pass  # the thread sees the deadline and drops what is left
+        self._queue.close(timeout)  # if full, the thread sees the deadline and drops the rest
         self._thread.join(max(self._deadline - time.monotonic(), 0.0) + 1.0)
         if self._thread.is_alive():
             log.warning("%s: sender still busy after %.1fs; giving up", self.name, timeout)
@@ -153,7 +121,7 @@ class IpfixExporter:
     @property
     def queue_length(self) -> int:
         """Batches waiting to be sent."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def connected(self) -> bool:
@@ -165,11 +133,10 @@ class IpfixExporter:
         try:
             while True:
                 item = self._queue.get()
-                if item is _STOP:
+                if item is None:
                     break
-                assert isinstance(item, FlowBatch)
                 if self._past_deadline():
-                    self._drop(REASON_CLOSED, len(item))
+                    self.stats.drop(DropReason.CLOSED, len(item))
                     continue
                 self._send_batch(item)
         finally:
@@ -180,40 +147,26 @@ class IpfixExporter:
 
     def _send_batch(self, batch: FlowBatch) -> None:
         if not self._ensure_session():
-            self._drop(REASON_CLOSED, len(batch))
+            self.stats.drop(DropReason.CLOSED, len(batch))
             return
         assert self._encoder is not None
         try:
             messages = self._encoder.encode(batch)
-            if self.options.transport == "udp":
+            if self.options.transport is Transport.UDP:
                 self._send_udp(messages)
             else:
                 self._send_tcp(messages)
         except OSError as error:
-            self._error()
-            self._drop(REASON_SEND_ERROR, len(batch))
+            self.stats.error()
+            self.stats.drop(DropReason.SEND_ERROR, len(batch))
             log.warning("%s: sending to %s:%d failed (%s); batch of %d flows dropped",
                         self.name, self.options.host, self.options.port, error, len(batch))
-            if self.options.transport == "tcp":
+            if self.options.transport is Transport.TCP:
                 self._disconnect()
             return
-        with self._lock:
-            self.exported_flows += len(batch)
-            self.exported_batches += 1
-            self.messages_sent += len(messages)
-            self.bytes_sent += sum(len(m) for m in messages)
-
-    def _drop(self, reason: str, flows: int) -> None:
-        with self._lock:
-            self.dropped_flows += flows
-            self.dropped_batches += 1
-            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + flows
-            self.dropped_batches_by_reason[reason] = (
-                self.dropped_batches_by_reason.get(reason, 0) + 1)
-
-    def _error(self) -> None:
-        with self._lock:
-            self.export_errors += 1
+        self.messages_sent += len(messages)
+        self.bytes_sent += sum(len(m) for m in messages)
+        self.stats.exported(len(batch))
 
     def _send_udp(self, messages: list[bytes]) -> None:
         assert self._sock is not None and self._encoder is not None
@@ -242,7 +195,8 @@ class IpfixExporter:
 
     def _ensure_session(self) -> bool:
         """Open the socket (with backoff); False if close() gave up meanwhile."""
-        if self._sock is not None and self.options.transport == "tcp" and self._peer_closed():
+        if (self._sock is not None and self.options.transport is Transport.TCP
+                and self._peer_closed()):
             log.warning("%s: collector %s:%d closed the connection", self.name,
                         self.options.host, self.options.port)
             self._disconnect()
@@ -251,7 +205,7 @@ class IpfixExporter:
             try:
                 self._connect()
             except OSError as error:
-                self._error()
+                self.stats.error()
                 if not self._down_logged:
                     log.warning("%s: cannot reach collector %s:%d (%s); retrying with backoff",
                                 self.name, self.options.host, self.options.port, error)
@@ -268,13 +222,14 @@ class IpfixExporter:
 
     def _connect(self) -> None:
         opts = self.options
-        kind = socket.SOCK_DGRAM if opts.transport == "udp" else socket.SOCK_STREAM
+        tcp = opts.transport is Transport.TCP
+        kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
         infos = socket.getaddrinfo(opts.host, opts.port, type=kind)
         last_error: OSError = OSError(f"no address for {opts.host}")
         for family, socktype, proto, _name, address in infos:
             sock = socket.socket(family, socktype, proto)
             try:
-                if opts.transport == "tcp":
+                if tcp:
                     timeout = SEND_TIMEOUT
                     if self._deadline is not None:  # closing: do not outlive close()
                         timeout = max(min(timeout, self._deadline - time.monotonic()), 0.05)
@@ -289,7 +244,7 @@ class IpfixExporter:
             # A new session: sequence numbers restart and templates go first.
             self._encoder = IpfixEncoder(opts.observation_domain_id, opts.message_size)
             templates = self._encoder.templates()
-            if opts.transport == "tcp":
+            if tcp:
                 try:
                     sock.sendall(templates)
                 except OSError:
@@ -321,3 +276,6 @@ class IpfixExporter:
                 self._sock.close()
             finally:
                 self._sock = None
+
+
+EXPORTER = IpfixExporter

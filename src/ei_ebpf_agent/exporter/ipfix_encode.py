@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ei_ebpf_agent.ebpf.layout import FLOW_DIRECTION_EGRESS, FLOW_DIRECTION_INGRESS
+from ei_ebpf_agent.ebpf.layout import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    FLOW_DIRECTION_EGRESS,
+    FLOW_DIRECTION_INGRESS,
+)
 from ei_ebpf_agent.flow.batch import FlowBatch
 
 IPFIX_VERSION = 10
@@ -30,8 +35,6 @@ TEMPLATE_IPV4 = 256
 TEMPLATE_IPV6 = 257
 TEMPLATE_NON_IP = 258
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 IPPROTO_TCP = 6
 
 # Private Enterprise Number for fields IANA does not define (RTT, DNS, drops: later).

@@ -40,7 +40,12 @@ import json
 
 import numpy as np
 
-from ei_ebpf_agent.ebpf.layout import FLOW_DIRECTION_EGRESS, FLOW_DIRECTION_INGRESS
+from ei_ebpf_agent.ebpf.layout import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    FLOW_DIRECTION_EGRESS,
+    FLOW_DIRECTION_INGRESS,
+)
 from ei_ebpf_agent.flow.batch import FlowBatch
 from ei_ebpf_agent.pbflow import flow_pb2
 
@@ -67,8 +72,6 @@ FIELDS = (
     "agent_ip",
 )
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 # The kernel's direction numbers, which pbflow's Direction enum shares (pbwire copies them).
 _DIRECTIONS = {FLOW_DIRECTION_INGRESS: '"ingress"', FLOW_DIRECTION_EGRESS: '"egress"'}
 

@@ -5,9 +5,9 @@ million flows a second, so the wire bytes are computed with numpy, one field at 
 for every flow at once, never with a Python object per flow:
 
 - Every field is cut into *pieces* of at most 8 bytes: for each flow a uint64 word
-  holding the bytes (little-endian, so byte 0 is written first) and the number of those
-  bytes that are used (0 when the field is absent; proto3 zero scalars are left out, as
-  canonical protobuf does). Varints are built 7-bit group by group with the
+  holding the bytes (byte k in bits 8k..8k+7) and the number of those bytes that are
+  used (0 when the field is absent; proto3 zero scalars are left out, as canonical
+  protobuf does). Varints are built 7-bit group by group with the
   continuation bits; a tag and its value share a word when they fit.
 - Consecutive pieces whose longest forms fit in 8 bytes together are merged into one
   (`word | next << 8 * used`), so a flow is about 20 words instead of 100+ bytes, and
@@ -19,6 +19,8 @@ for every flow at once, never with a Python object per flow:
   overwrite the unused bytes of earlier ones. The rows follow one another, each as
   `0x0a <varint length> <Record>`: exactly the bytes of `Records.entries`.
 
+Byte order is explicit: records are read by value in their dtype's order (the host's, as
+the kernel wrote them) and words go out as "<u8", so any host gives the same bytes.
 Fields are written in field-number order, so the output is byte-identical to
 `Records.SerializeToString(deterministic=True)` of the same content (a unit test holds
 it to that). What is written for each flow (see WIRE.md):
@@ -42,10 +44,9 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from ei_ebpf_agent.flow.batch import FlowBatch, IPAddress
-
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
+from ei_ebpf_agent.ebpf.layout import ETH_P_IP, ETH_P_IPV6
+from ei_ebpf_agent.flow.batch import FlowBatch
+from ei_ebpf_agent.net import IPAddress
 
 # Rows encoded together. Fewer rows pay numpy's per-call cost more often (1024: +55%
 # time), more rows outgrow the CPU caches and raise peak memory (8192: +12 MB RSS for
@@ -54,6 +55,7 @@ CHUNK_ROWS = 4096
 
 _VARINT, _LEN, _I32 = 0, 2, 5
 _U64 = np.uint64
+_WIRE_WORD = np.dtype("<u8")  # how a word's bytes go out: byte 0 first, on any host
 _NS_PER_S = _U64(1_000_000_000)
 _LOW56 = _U64((1 << 56) - 1)
 # _LIMITS[k]: the smallest value whose varint needs k + 1 bytes.
@@ -235,7 +237,7 @@ class _Pieces:
         head = np.zeros(rows, dtype=np.uint64)  # each row's first 8 bytes
         in_head = True
         for word, used in zip(self.words, self.used):
-            column = np.ascontiguousarray(word, dtype=np.uint64)  # shape (1,) if constant
+            column = np.ascontiguousarray(word, dtype=_WIRE_WORD)  # shape (1,) if constant
             at[offset] = column.view("V8")
             if in_head:
                 relative = offset - starts
@@ -244,7 +246,7 @@ class _Pieces:
                 shift = (np.minimum(relative, 7) * 8).astype(np.uint64)
                 head |= np.where(near, column << shift, _U64(0))
             offset += used if isinstance(used, int) else used.astype(np.int64)
-        at[starts] = head.view("V8")
+        at[starts] = head.astype(_WIRE_WORD, copy=False).view("V8")
         return out[:total], lengths
 
 
@@ -330,14 +332,13 @@ def _context(batch: FlowBatch) -> tuple[_Interfaces, bytes]:
     return interfaces, agent
 
 
-def _chunks(batch: FlowBatch, first: int, stop: int,
-            context: tuple[_Interfaces, bytes] | None = None
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _chunks(batch: FlowBatch, first: int, stop: int, context: tuple[_Interfaces, bytes]
+            ) -> Iterator[np.ndarray]:
     """Encoded entries of rows [first, stop), CHUNK_ROWS at a time (bounded temporaries)."""
-    interfaces, agent = context or _context(batch)
     for start in range(first, stop, CHUNK_ROWS):
-        yield _encode_chunk(batch, slice(start, min(start + CHUNK_ROWS, stop)), interfaces,
-                            agent)
+        data, _lengths = _encode_chunk(batch, slice(start, min(start + CHUNK_ROWS, stop)),
+                                       *context)
+        yield data
 
 
 def _encode_chunk(
@@ -394,8 +395,5 @@ def encode_batch(batch: FlowBatch, max_flows: int) -> list[bytes]:
     if rows == 0:
         return []
     context = _context(batch)
-    return [
-        b"".join(data for data, _lengths in _chunks(batch, first, min(first + max_flows, rows),
-                                                     context))
-        for first in range(0, rows, max_flows)
-    ]
+    return [b"".join(_chunks(batch, first, min(first + max_flows, rows), context))
+            for first in range(0, rows, max_flows)]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
 from ei_ebpf_agent.ebpf.layout import FLOW_RECORD
-
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+from ei_ebpf_agent.net import IPAddress
 
 
 @dataclass(frozen=True)
@@ -23,14 +20,14 @@ class FlowBatch:
     batch, not per flow).
     """
 
-    records: np.ndarray  # dtype FLOW_RECORD
+    records: np.ndarray  # dtype FLOW_RECORD (host byte order; any explicit order is read too)
     wall_offset_ns: int
     interfaces: Mapping[int, str]  # if_index -> interface name
     agent_ip: IPAddress
     extra: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.records.dtype != FLOW_RECORD:
+        if self.records.dtype.newbyteorder("=") != FLOW_RECORD:
             raise TypeError(f"records must have dtype FLOW_RECORD, not {self.records.dtype}")
 
     def __len__(self) -> int:
