@@ -11,11 +11,13 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 
 from ei_ebpf_agent.config import IPAddress, Settings
 from ei_ebpf_agent.ebpf import features as kernel_features
+from ei_ebpf_agent.ebpf import pins
 from ei_ebpf_agent.ebpf.features import KernelFeatures, MissingKernelFeature
 from ei_ebpf_agent.ebpf.loader import FlowProgram
 from ei_ebpf_agent.errors import AgentStartError
@@ -75,9 +77,12 @@ class Agent:
                     f"{settings.metrics_server_port}: {error.strerror or error}") from error
             stack.callback(metrics.close)
             features = self._check_kernel()
+            pin_store = pins.claim(settings.bpf_fs_path, settings.pin)
+            if pin_store is not None:
+                stack.callback(pin_store.unlock)  # after program.close() has unpinned
             program = FlowProgram.load(
                 sampling=settings.sampling, max_flows=settings.cache_max_flows,
-                features=features,
+                features=features, pins=pin_store,
             )
             stack.callback(program.close)
             tracer = FlowTracer(program, interfaces_lookup=self._interface_names,
@@ -100,6 +105,10 @@ class Agent:
             )
             watcher.start()
             stack.callback(watcher.stop)
+            released = program.release_unclaimed([i for i, _ in socket.if_nameindex()])
+            if released:
+                log.info("detached %d hooks an earlier agent left on interfaces not traced "
+                         "now", released)
             with self._lock:
                 self._started, start_error = True, self._start_error
             if start_error is not None:

@@ -64,6 +64,8 @@ class Settings:
     ipfix_max_message_size: int = 0  # 0: 1400 on UDP, 65535 on TCP
     ipfix_template_refresh_interval: float = 60.0  # seconds; 0 disables (UDP only)
     ipfix_template_refresh_messages: int = 1000  # 0 disables (UDP only)
+    pin: bool = True
+    bpf_fs_path: Path = Path("/sys/fs/bpf/ei-ebpf-agent")
     # What EXPORT means (EXPORT_KINDS), set from `export`: the exporter module, the transport.
     exporter: str = field(init=False)
     transport: Transport | None = field(init=False)
@@ -241,6 +243,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         "agent_ip": env.get("AGENT_IP", _ip, "an IPv4 or IPv6 address"),
         "metrics_enable": env.get("METRICS_ENABLE", lambda v: _BOOLS.get(v.lower()),
                                "true or false (also 1/0, yes/no)"),
+        "pin": env.get("PIN", lambda v: _BOOLS.get(v.lower()), "true or false (also 1/0, yes/no)"),
+        "bpf_fs_path": env.get("BPF_FS_PATH", lambda v: Path(v) if v.startswith("/") else None,
+                               "an absolute path on a bpf filesystem"),
         "metrics_server_address": env.get("METRICS_SERVER_ADDRESS", _host,
                                        "an IP address or a host name"),
         "metrics_server_port": env.get("METRICS_SERVER_PORT", _int_in(1, 65535),

@@ -38,6 +38,9 @@ def agent_base_env() -> dict[str, str]:
 
         env["PYTHONPATH"] = str(Path(ei_ebpf_agent.__file__).resolve().parents[1])
     env["PYTHONUNBUFFERED"] = "1"
+    # Agents of different tests must not share pins: the restart tests pin on a bpffs of
+    # their own (BPF_FS_PATH); every other test runs unpinned.
+    env["PIN"] = "false"
     return env
 
 

@@ -3,8 +3,17 @@
 `Attacher.attach()` hooks one direction of one interface and returns an `Attachment`
 whose `detach()` removes exactly that and nothing else.
 
-Teardown removes only what the agent created: a TCX link is closed; a tc filter is
-deleted by the handle and priority the kernel gave it; a clsact qdisc is deleted only
+Recognisably ours, across restarts: a tc filter of the agent always sits at priority
+TC_PRIORITY with handle TC_HANDLE and runs one of the object's programs (by name). A
+restarted agent that finds such a filter (left by a killed agent) replaces its program
+in place (BPF_TC_F_REPLACE), so at no moment do two of its programs count a packet; a
+filter there that runs any other program is somebody else's and is never touched. With
+pins (PIN=true), TCX links are pinned, and a restarted agent swaps its program into the
+pinned link (BPF_LINK_UPDATE), atomically too. `release_unclaimed()` then removes what
+the earlier agent left on interfaces this one no longer traces.
+
+Teardown removes only what the agent created: a TCX link is closed (and unpinned); a tc
+filter is deleted by its handle and priority; a clsact qdisc is deleted only
 if this process created it and no filter at all is left on it (anybody else's filters
 keep it). A qdisc that existed before is never deleted; so is one created by an agent
 that died (its next run finds it existing), which is harmless: an empty clsact does
@@ -22,6 +31,7 @@ from typing import Callable
 
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
+from ei_ebpf_agent.ebpf.pins import PinStore
 from ei_ebpf_agent.errors import AgentStartError
 from ei_ebpf_agent.privileges import is_permission_error, privileges_message
 
@@ -32,6 +42,12 @@ MODES = ("any", "tcx", "tc")
 
 # errno values on detach meaning "already gone with its interface".
 _GONE = {errno.ENODEV, errno.ENOENT}
+
+# Where the agent's tc filters sit on clsact ingress/egress (documented in
+# docs/reliability.md): a fixed place, so that a restarted agent finds its own.
+TC_PRIORITY = 0xE1E1
+TC_HANDLE = 0xE1E1
+BPF_TC_F_REPLACE = 1 << 0
 
 _TC_H_CLSACT_INGRESS = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 _TC_H_CLSACT_EGRESS = 0xFFFFFFF3
@@ -89,9 +105,12 @@ class Attacher:
     start); mode "any" uses them then, and clsact filters otherwise.
     """
 
-    def __init__(self, prog_fds: dict[str, int], tcx: bool) -> None:
+    def __init__(self, prog_fds: dict[str, int], tcx: bool, *, pins: PinStore | None = None,
+                 own_programs: frozenset[str] = frozenset()) -> None:
         self.prog_fds = prog_fds
         self.tcx = tcx
+        self.pins = pins
+        self.own_programs = own_programs  # names of the programs an agent's filter runs
         self._lock = threading.Lock()
         self._attachments: list[Attachment] = []
         self._qdiscs: dict[int, _Qdisc] = {}
@@ -122,13 +141,59 @@ class Attacher:
 
     def _attach_tcx(self, if_index: int, direction: str) -> Attachment:
         attach_type = libbpf.BPF_TCX_INGRESS if direction == "ingress" else libbpf.BPF_TCX_EGRESS
-        # libbpf 1.1 passes attach types it does not know straight to the kernel.
-        link_fd = libbpf.bpf_link_create(self.prog_fds[direction], if_index, attach_type, None)
+        link_fd = self._adopt_link(if_index, direction, attach_type)
+        if link_fd is None:
+            # libbpf 1.1 passes attach types it does not know straight to the kernel.
+            link_fd = libbpf.bpf_link_create(self.prog_fds[direction], if_index, attach_type,
+                                             None)
+            if self.pins is not None:
+                try:
+                    self.pins.pin_link(if_index, direction, link_fd)
+                except OSError:
+                    os.close(link_fd)
+                    raise
 
         def release() -> None:
-            os.close(link_fd)  # the link is ours alone: closing it detaches the program
+            if self.pins is not None:
+                self.pins.unpin_link(if_index, direction)
+            os.close(link_fd)  # the last reference: closing it detaches the program
 
         return Attachment(if_index, direction, "tcx", self._forget(release))
+
+    def _adopt_link(self, if_index: int, direction: str, attach_type: int) -> int | None:
+        """The pinned link of an earlier agent on this hook, now running our program."""
+        if self.pins is None:
+            return None
+        link_fd = self.pins.get_link(if_index, direction)
+        if link_fd is None:
+            return None
+        try:
+            if libbpf.tcx_link_target(link_fd) == (if_index, attach_type):
+                libbpf.bpf_link_update(link_fd, self.prog_fds[direction], None)
+                log.debug("took over the pinned %s link on interface index %d", direction,
+                          if_index)
+                return link_fd
+        except BaseException:
+            os.close(link_fd)
+            raise
+        os.close(link_fd)  # its interface is gone (or the index was reused): drop it
+        self.pins.unpin_link(if_index, direction)
+        return None
+
+    def _filter_program(self, hook: libbpf.bpf_tc_hook) -> str | None:
+        """Name of the program of the filter at our priority and handle; None if none."""
+        query = libbpf.make_opts(libbpf.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
+        try:
+            libbpf.bpf_tc_query(ctypes.byref(hook), ctypes.byref(query))
+        except LibbpfError as error:
+            if error.errno in (errno.ENOENT, errno.EINVAL):
+                return None
+            raise
+        prog_fd = libbpf.bpf_prog_get_fd_by_id(query.prog_id)
+        try:
+            return libbpf.prog_info(prog_fd).name.decode(errors="replace")
+        finally:
+            os.close(prog_fd)
 
     def _attach_tc(self, if_index: int, direction: str) -> Attachment:
         point = libbpf.BPF_TC_INGRESS if direction == "ingress" else libbpf.BPF_TC_EGRESS
@@ -146,9 +211,16 @@ class Attacher:
                     qdisc = _Qdisc(created=False)  # somebody else's: accept, never delete
                 self._qdiscs[if_index] = qdisc
             hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index, attach_point=point)
-            opts = libbpf.make_opts(libbpf.bpf_tc_opts, prog_fd=self.prog_fds[direction])
+            opts = libbpf.make_opts(libbpf.bpf_tc_opts, prog_fd=self.prog_fds[direction],
+                                    handle=TC_HANDLE, priority=TC_PRIORITY)
             try:
-                # handle and priority 0: the kernel picks free ones, libbpf reports them.
+                left = self._filter_program(hook) if not qdisc.created else None
+                if left is not None:
+                    if left not in self.own_programs:
+                        raise LibbpfError("bpf_tc_attach", errno.EEXIST)  # not ours: keep it
+                    opts.flags = BPF_TC_F_REPLACE  # an earlier agent's: ours in its place
+                    log.info("replacing the %s tc filter an earlier agent left on interface "
+                             "index %d", direction, if_index)
                 libbpf.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
             except LibbpfError:
                 self._release_qdisc(if_index)
@@ -186,6 +258,36 @@ class Attacher:
             if error.errno not in _GONE:
                 log.warning("cannot delete the clsact qdisc of interface index %d: %s",
                             if_index, error)
+
+    def release_unclaimed(self, if_indexes: list[int]) -> int:
+        """Remove what an earlier agent left and this one did not take over: pinned links
+        and our tc filters on interfaces (of `if_indexes`) this agent does not trace."""
+        with self._lock:
+            ours = {(a.if_index, a.direction) for a in self._attachments if a.attached}
+        released = 0
+        if self.pins is not None:
+            for if_index, direction in self.pins.pinned_links():
+                if (if_index, direction) not in ours:
+                    self.pins.unpin_link(if_index, direction)  # the link detaches with it
+                    released += 1
+        for if_index in if_indexes:
+            for direction, point in (("ingress", libbpf.BPF_TC_INGRESS),
+                                     ("egress", libbpf.BPF_TC_EGRESS)):
+                if (if_index, direction) in ours:
+                    continue
+                hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index,
+                                        attach_point=point)
+                try:
+                    if self._filter_program(hook) not in self.own_programs:
+                        continue
+                    gone = libbpf.make_opts(libbpf.bpf_tc_opts, handle=TC_HANDLE,
+                                            priority=TC_PRIORITY)
+                    libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(gone))
+                    released += 1
+                except LibbpfError as error:
+                    log.debug("cannot check interface index %d for a filter left behind: %s",
+                              if_index, error)
+        return released
 
     def _forget(self, release: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

@@ -32,10 +32,12 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from typing import Any, Callable
+from typing import Any
+
+from ei_ebpf_agent.ebpf import libbpf_log_bridge
+from ei_ebpf_agent.ebpf.libbpf_log_bridge import libbpf_print_fn_t
 
 log = logging.getLogger(__name__)
-libbpf_log = logging.getLogger("libbpf")
 
 
 class LibbpfError(OSError):
@@ -160,6 +162,24 @@ class bpf_test_run_opts(Structure):
     ]
 
 
+class bpf_prog_info(Structure):
+    # Leading part of the UAPI struct, up to the program's name.
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("tag", c_char * 8),
+        ("jited_prog_len", c_uint32),
+        ("xlated_prog_len", c_uint32),
+        ("jited_prog_insns", c_uint64),
+        ("xlated_prog_insns", c_uint64),
+        ("load_time", c_uint64),
+        ("created_by_uid", c_uint32),
+        ("nr_map_ids", c_uint32),
+        ("map_ids", c_uint64),
+        ("name", c_char * 16),
+    ]
+
+
 def make_opts(struct_type: type, **fields: Any) -> Any:
     """An option struct zeroed, with `sz` set to the size of our definition."""
     opts = struct_type(**fields)
@@ -177,13 +197,7 @@ BPF_TCX_EGRESS = 47
 
 BPF_ANY = 0
 
-# enum libbpf_print_level
-LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
-
-# Callback types. va_list is passed as an opaque pointer: on x86_64 it is an array
-# (decays to a pointer), on aarch64 a 32-byte struct passed by reference, on i386/ppc64 a
-# char *; in each case the pointer can be handed on to vsnprintf unchanged.
-libbpf_print_fn_t = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+# Callback type of the ring buffer (libbpf_print_fn_t: see libbpf_log_bridge).
 ring_buffer_sample_fn = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
 
 
@@ -244,6 +258,10 @@ _SIGNATURES: dict = {
         c_int, _check_int, False,
     ),
     "bpf_enable_stats": ([c_int], c_int, _check_int, False),
+    "bpf_obj_pin": ([c_int, c_char_p], c_int, _check_int, False),
+    "bpf_obj_get": ([c_char_p], c_int, _check_int, False),
+    "bpf_link_update": ([c_int, c_int, c_void_p], c_int, _check_int, False),
+    "bpf_prog_get_fd_by_id": ([c_uint32], c_int, _check_int, False),
     # 1 = supported, 0 = not, < 0 = cannot tell: the caller decides, no errcheck.
     "libbpf_probe_bpf_map_type": ([c_int, c_void_p], c_int, _check_none, False),
     "libbpf_probe_bpf_helper": ([c_int, c_int, c_void_p], c_int, _check_none, False),
@@ -335,55 +353,28 @@ def map_info(fd: int) -> bpf_map_info:
     return info
 
 
-# -- libbpf's own messages -> logging ---------------------------------------------------
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_vasprintf: Callable | None = getattr(_libc, "vasprintf", None)
-if _vasprintf is not None:
-    _vasprintf.argtypes = [POINTER(c_void_p), c_char_p, c_void_p]
-    _vasprintf.restype = c_int
-    _free = _libc.free
-    _free.argtypes = [c_void_p]
-    _free.restype = None
-_vsnprintf = _libc.vsnprintf
-_vsnprintf.argtypes = [c_void_p, c_size_t, c_char_p, c_void_p]
-_vsnprintf.restype = c_int
-
-_FALLBACK_BUFFER = 1 << 16  # vsnprintf only: longer messages (verifier logs) are truncated
-_LEVELS = {LIBBPF_WARN: logging.WARNING, LIBBPF_INFO: logging.INFO, LIBBPF_DEBUG: logging.DEBUG}
+def prog_info(fd: int) -> bpf_prog_info:
+    """Kernel's description of the program behind `fd` (id, name, ...)."""
+    info = bpf_prog_info()
+    size = c_uint32(ctypes.sizeof(info))
+    _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    return info
 
 
-def _format(fmt: bytes, args: int) -> str:
-    # va_list can be walked once only, so format in one call: vasprintf (glibc, musl)
-    # sizes its own buffer; otherwise a fixed vsnprintf buffer.
-    if _vasprintf is not None:
-        out = c_void_p()
-        if _vasprintf(ctypes.byref(out), fmt, args) < 0 or not out.value:
-            return fmt.decode(errors="replace")
-        try:
-            return ctypes.string_at(out.value).decode(errors="replace")
-        finally:
-            _free(out)
-    buffer = ctypes.create_string_buffer(_FALLBACK_BUFFER)
-    _vsnprintf(buffer, _FALLBACK_BUFFER, fmt, args)
-    return buffer.value.decode(errors="replace")
+BPF_LINK_TYPE_TCX = 11
 
 
-@libbpf_print_fn_t
-def _print(level: int, fmt: bytes, args: int) -> int:
-    try:
-        py_level = _LEVELS.get(level, logging.DEBUG)
-        if libbpf_log.isEnabledFor(py_level):  # libbpf sends many DEBUG lines: skip early
-            message = _format(fmt, args).rstrip("\n")
-            libbpf_log.log(py_level, "%s", message.removeprefix("libbpf: "))
-    except Exception:  # an exception must never cross into C
-        log.debug("cannot format a libbpf message", exc_info=True)
-    return 0
+def tcx_link_target(fd: int) -> tuple[int, int] | None:
+    """(ifindex, attach type) of the TCX link behind `fd`; ifindex 0 once its interface is
+    gone; None if it is not a TCX link. struct bpf_link_info: type, id, prog_id, then a
+    union aligned to 8 (offset 16) whose `tcx` member is {ifindex, attach_type}."""
+    info = (c_uint32 * 16)()
+    size = c_uint32(ctypes.sizeof(info))
+    _lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+    if info[0] != BPF_LINK_TYPE_TCX:
+        return None
+    return info[4], info[5]
 
 
-def route_messages_to_logging() -> None:
-    """Send libbpf's messages (verifier logs included) to the `libbpf` logger."""
-    _lib.libbpf_set_print(_print)
-
-
-route_messages_to_logging()
+# libbpf's own messages (verifier logs included) go to the `libbpf` logger.
+libbpf_log_bridge.route(_lib.libbpf_set_print)

@@ -4,6 +4,10 @@
 configuration (.rodata `agent_config`, table sizes), loads it and checks that the tables
 have the size asked for and slot 0 of `flows_outer` points to `flows_a`. Attaching is
 `attach.Attacher`'s job; `FlowProgram.attach()` hands it on.
+
+With a `PinStore` (PIN=true), the maps are pinned under BPF_FS_PATH, and a restarted
+agent adopts the pinned maps of the earlier one (`adopt`): its tables, with what they
+counted since its last export, its ring buffer and its hash seed.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from ei_ebpf_agent.ebpf import adopt, libbpf
 from ei_ebpf_agent.ebpf import features as kernel_features
-from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.attach import Attacher, Attachment
 from ei_ebpf_agent.ebpf.layout import AGENT_CONFIG, FLOW_SLOT
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
 from ei_ebpf_agent.ebpf.objects import object_name, read_verified_object
+from ei_ebpf_agent.ebpf.pins import PinStore
 from ei_ebpf_agent.errors import AgentStartError
 from ei_ebpf_agent.privileges import is_permission_error, privileges_message
 
@@ -48,7 +53,7 @@ class FlowProgram:
     """The loaded flow object: program and map fds, and the attachments made with it."""
 
     def __init__(self, obj: Any, buffer: Any, name: str, *, cmpxchg: bool, table_slots: int,
-                 tcx: bool) -> None:
+                 tcx: bool, pins: PinStore | None = None) -> None:
         self._obj = obj
         self._buffer = buffer  # libbpf reads the ELF from it until the object is closed
         self._stack = contextlib.ExitStack()  # replaced by load() with the real teardown
@@ -62,7 +67,14 @@ class FlowProgram:
         self.table_slots = table_slots  # what agent_config and both tables were given
         self.max_flows = table_slots // SLOTS_PER_FLOW
         self.ncpus = libbpf.libbpf_num_possible_cpus()
-        self._attacher = Attacher(self.prog_fds, tcx)
+        self._pins = pins
+        self.adopted = False  # the maps are an earlier agent's (pinned), set by load()
+        # Flow tables of an earlier agent that could not be adopted (another size): the
+        # tracer drains them once; name -> (fd, slots).
+        self.inherited_tables: dict[str, tuple[int, int]] = {}
+        self._attacher = Attacher(self.prog_fds, tcx, pins=pins,
+                                  own_programs=frozenset(PROGRAMS.values())
+                                  | frozenset(LOCK_PROGRAMS.values()))
 
     # -- loading ------------------------------------------------------------------------
 
@@ -71,7 +83,8 @@ class FlowProgram:
              ringbuf_bytes: int | None = None, objects: Any = None,
              features: kernel_features.KernelFeatures | None = None,
              coarse_clock: bool | None = None, cmpxchg: bool | None = None,
-             stores_in_order: bool | None = None) -> FlowProgram:
+             stores_in_order: bool | None = None, pins: PinStore | None = None
+             ) -> FlowProgram:
         """Verify, open, configure and load the embedded object.
 
         `objects` is a directory (Traversable or Path) holding the object and SHA256SUMS;
@@ -82,6 +95,7 @@ class FlowProgram:
         rather than a spin lock (default: when the kernel has it).
         `stores_in_order`: write a new flow's first counts with its key, in plain stores,
         which is exact only where CPUs make stores visible in order (default: on x86).
+        `pins`: pin the maps there, adopting those an earlier agent pinned.
         Raises AgentStartError with one line.
         """
         features = features or kernel_features.current()
@@ -102,11 +116,20 @@ class FlowProgram:
                 raise AgentStartError(f"cannot open eBPF object {name}: {error}") from error
             stack.callback(libbpf.bpf_object__close, obj)
             table_slots = SLOTS_PER_FLOW * max_flows
+            seed = int.from_bytes(os.urandom(8), "little")
             _configure(obj, name, sampling, table_slots, ringbuf_bytes, coarse_clock, cmpxchg,
-                       stores_in_order)
+                       stores_in_order, seed)
+            adopted, inherited = _find_pinned(obj, pins, table_slots)
+            if adopted is not None:  # the earlier agent's seed: its flows' home slots
+                stack.callback(adopted.close)
+                _configure(obj, name, sampling, table_slots, ringbuf_bytes, coarse_clock,
+                           cmpxchg, stores_in_order, adopted.hash_seed)
             try:
                 with contextlib.ExitStack() as tables:
-                    _create_tables(obj, table_slots, tables)
+                    if adopted is not None:
+                        _reuse_maps(obj, adopted.fds)
+                    else:
+                        _create_tables(obj, table_slots, tables)
                     libbpf.bpf_object__load(obj)
             except LibbpfError as error:
                 if is_permission_error(error):
@@ -117,17 +140,23 @@ class FlowProgram:
                     f"cannot load eBPF object {name}: {error} (libbpf's log says why)"
                 ) from error
             program = cls(obj, buffer, name, cmpxchg=cmpxchg, table_slots=table_slots,
-                          tcx=features.tcx)
+                          tcx=features.tcx, pins=pins)
+            program.adopted = adopted is not None
+            program.inherited_tables = inherited
             program._stack = stack.pop_all()
         try:
             program._check_maps()
+            if pins is not None and not program.adopted:
+                program._pin_maps()
         except BaseException:
             program.close()
             raise
         log.info("loaded %s (libbpf %s): %d flows per table (%d slots), sampling %d, %s clock, "
-                 "new flows claim slots by %s", name, libbpf.version(), program.max_flows,
+                 "new flows claim slots by %s%s", name, libbpf.version(), program.max_flows,
                  program.table_slots, sampling, "coarse" if coarse_clock else "exact",
-                 "compare-and-exchange" if cmpxchg else "spin lock")
+                 "compare-and-exchange" if cmpxchg else "spin lock",
+                 f"; adopted the tables pinned in {pins.base}" if program.adopted
+                 else f"; pinned in {pins.base}" if pins else "")
         return program
 
     def _map(self, name: str) -> Any:
@@ -150,6 +179,9 @@ class FlowProgram:
                     f"{self.name}: map {name} has {info.max_entries} slots, agent_config "
                     f"says {self.table_slots}"
                 )
+        if self.adopted:  # flows_outer[0] stays where the earlier agent left it
+            self.active_table()
+            return
         # Slot 0 must point to flows_a (libbpf fills it from `.values`; make sure).
         wanted = libbpf.map_info(self.map_fds["flows_a"]).id
         if self._outer_slot_id() != wanted:
@@ -168,6 +200,25 @@ class FlowProgram:
                 return None
             raise
         return value.value  # reading an outer map's slot gives the inner map's id
+
+    def active_table(self) -> str:
+        """The table flows_outer[0] points to: "flows_a" or "flows_b"."""
+        current = self._outer_slot_id()
+        for name in TABLES:
+            if libbpf.map_info(self.map_fds[name]).id == current:
+                return name
+        raise AgentStartError(f"{self.name}: flows_outer[0] points to neither flow table")
+
+    def _pin_maps(self) -> None:
+        self._pins.prepare()
+        for name, fd in self.map_fds.items():
+            self._pins.pin_map(name, fd)
+        self._pins.pin_map(adopt.RODATA, libbpf.bpf_map__fd(self._map(".rodata")))
+
+    def release_unclaimed(self, if_indexes: list[int]) -> int:
+        """Detach what an earlier agent left that this one did not take over (see
+        Attacher.release_unclaimed); the number released."""
+        return self._attacher.release_unclaimed(if_indexes)
 
     def set_active_table(self, name: str) -> None:
         """Point flows_outer[0] to `name` ("flows_a" or "flows_b").
@@ -211,8 +262,13 @@ class FlowProgram:
     # -- lifetime -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Detach everything, then release the object (programs and maps)."""
+        """Detach everything, unpin, then release the object (programs and maps)."""
         self.detach_all()
+        if self._pins is not None:
+            self._pins.remove()  # a clean stop leaves nothing behind
+        for fd, _slots in self.inherited_tables.values():
+            os.close(fd)
+        self.inherited_tables = {}
         self._stack.close()
 
 
@@ -223,7 +279,7 @@ def _programs(cmpxchg: bool) -> dict[str, str]:
 
 def _configure(obj: Any, name: str, sampling: int, table_slots: int,
                ringbuf_bytes: int | None, coarse_clock: bool, cmpxchg: bool,
-               stores_in_order: bool) -> None:
+               stores_in_order: bool, hash_seed: int) -> None:
     """Set .rodata agent_config and map sizes before load; pick the programs to load."""
 
     def find(map_name: str) -> Any:
@@ -250,7 +306,7 @@ def _configure(obj: Any, name: str, sampling: int, table_slots: int,
     config["coarse_clock"] = int(coarse_clock)
     config["table_slots"] = table_slots
     config["stores_in_order"] = int(stores_in_order)
-    config["hash_seed"] = int.from_bytes(os.urandom(8), "little")
+    config["hash_seed"] = hash_seed
     data[: AGENT_CONFIG.itemsize] = config.tobytes()  # agent_config sits at offset 0
     value = (ctypes.c_char * len(data)).from_buffer(data)
     libbpf.bpf_map__set_initial_value(rodata, value, len(data))
@@ -260,6 +316,34 @@ def _configure(obj: Any, name: str, sampling: int, table_slots: int,
         libbpf.bpf_map__set_max_entries(find("slot_locks"), 1)
     for map_name in MAPS:
         find(map_name)
+
+
+def _find_pinned(obj: Any, pins: PinStore | None, table_slots: int
+                 ) -> tuple[adopt.Adopted | None, dict[str, tuple[int, int]]]:
+    """The earlier agent's pinned maps if they fit (else its tables, to drain once)."""
+    if pins is None:
+        return None, {}
+    sizes = {name: libbpf.bpf_map__max_entries(libbpf.bpf_object__find_map_by_name(
+        obj, name.encode())) for name in MAPS}
+    sizes.update({table: table_slots for table in TABLES})
+    try:
+        return adopt.find(pins, sizes, TABLES), {}
+    except adopt.NotAdoptable as error:
+        inherited = {t: (fd, libbpf.map_info(fd).max_entries) for t, fd in error.tables.items()}
+        log.warning("the maps pinned in %s cannot be adopted (%s): %s; starting afresh",
+                    pins.base, error,
+                    "draining their flow tables once" if inherited else "their counts are lost")
+        pins.remove()  # its links detach: no two programs count a packet
+        return None, inherited
+
+
+def _reuse_maps(obj: Any, fds: dict[str, int]) -> None:
+    """Hand the adopted maps to libbpf instead of creating new ones."""
+    for name in MAPS:
+        libbpf.bpf_map__reuse_fd(libbpf.bpf_object__find_map_by_name(obj, name.encode()),
+                                 fds[name])
+    outer = libbpf.bpf_object__find_map_by_name(obj, b"flows_outer")
+    libbpf.bpf_map__set_inner_map_fd(outer, fds["flows_a"])
 
 
 def _create_tables(obj: Any, slots: int, stack: contextlib.ExitStack) -> None:

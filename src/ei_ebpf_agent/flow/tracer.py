@@ -17,6 +17,7 @@ import ctypes
 import errno
 import logging
 import mmap
+import os
 import select
 import threading
 import time
@@ -64,7 +65,8 @@ class FlowTracer:
         self._program = program
         self._interfaces_lookup = interfaces_lookup
         self._agent_ip = agent_ip
-        self._active = "flows_a"  # the table the programs write to (loader set slot 0)
+        self._active = program.active_table()  # where the programs write (an adopted
+        # table may be either)
         self._evict_lock = threading.Lock()
 
         # Stats, read by the metrics module.
@@ -138,7 +140,8 @@ class FlowTracer:
             new = "flows_b" if old == "flows_a" else "flows_a"
             self._program.set_active_table(new)  # returns when `old` is quiescent
             self._active = new
-            records = self._drain(self._program.map_fds[old])
+            records = self._drain(self._program.map_fds[old], self._program.table_slots)
+            records = self._drain_inherited(records)
             count = len(records)
             wall_offset_ns = time.time_ns() - time.monotonic_ns()  # ktime is CLOCK_MONOTONIC
             ring = self._take_ring_records()
@@ -159,14 +162,23 @@ class FlowTracer:
                 extra={"ringbuf_records": len(ring), "table_flows": count},
             )
 
-    def _drain(self, fd: int) -> np.ndarray:
+    def _drain_inherited(self, records: np.ndarray) -> np.ndarray:
+        """Add, once, the flows of an earlier agent's tables that could not be adopted."""
+        inherited, self._program.inherited_tables = self._program.inherited_tables, {}
+        for name, (fd, slots) in inherited.items():
+            old = self._drain(fd, slots)
+            os.close(fd)
+            log.info("exported %d flows from the earlier agent's %s", len(old), name)
+            records = merge_by_key(_concat(records, old))
+        return records
+
+    def _drain(self, fd: int, slots: int) -> np.ndarray:
         """The filled slots of the idle table `fd` as FLOW_RECORD rows; zeroes them.
 
         The table is mapped a window at a time, so the agent's resident memory grows by
         one window, not by the table's size. A window that cannot be mapped keeps its
         flows: they are exported when this table is drained next time.
         """
-        slots = self._program.table_slots
         # np.empty maps pages lazily: only the rows filled below become resident memory.
         records = np.empty(slots, dtype=FLOW_RECORD)
         raw = records.view(np.uint8).reshape(slots, _RECORD_SIZE)
