@@ -95,3 +95,48 @@ def test_kill9_in_tc_mode_without_pins_never_counts_twice(topo, grpc_collector) 
     assert result.returncode == 0, result.stderr
     wait_exact(expected, grpc_collector.flows, grpc_collector.byte_measure, timeout=15)
     nothing_attached(topo)
+
+
+def test_restart_with_another_table_size_drains_the_old_tables_once(topo, grpc_collector,
+                                                                   bpffs) -> None:
+    env = {"CACHE_ACTIVE_TIMEOUT": PERIOD, "PIN": "true", "BPF_FS_PATH": str(bpffs / "agent"),
+           "CACHE_MAX_FLOWS": "5000"}
+    first = AgentProcess(topo, env, grpc_collector).start()
+    expected = phase(topo, 23000)
+    kill9(first)
+    with AgentProcess(topo, {**env, "CACHE_MAX_FLOWS": "6000"}, grpc_collector) as second:
+        assert "cannot be adopted" in second.stderr()
+        expected = expected.merge(phase(topo, 23000))
+        result = second.stop()
+    assert result.returncode == 0, result.stderr
+    assert "from the earlier agent's flows_" in result.stderr
+    wait_exact(expected, grpc_collector.flows, grpc_collector.byte_measure, timeout=15)
+    nothing_attached(topo)
+    assert pins_left(bpffs) == []
+
+
+def test_restart_with_pin_false_removes_the_pins_a_crash_left(topo, grpc_collector,
+                                                              bpffs) -> None:
+    env = {"CACHE_ACTIVE_TIMEOUT": PERIOD, "PIN": "true", "BPF_FS_PATH": str(bpffs / "agent")}
+    kill9(AgentProcess(topo, env, grpc_collector).start())
+    with AgentProcess(topo, {**env, "PIN": "false", "CACHE_ACTIVE_TIMEOUT": "300ms"},
+                      grpc_collector) as second:
+        assert pins_left(bpffs) in ([], ["agent"])  # nothing pinned: the old links are gone
+        expected = phase(topo, 24000)  # counted by this agent only, not also by the old links
+        result = second.stop()
+    assert result.returncode == 0, result.stderr
+    wait_exact(expected, grpc_collector.flows, grpc_collector.byte_measure, timeout=15)
+    nothing_attached(topo)
+
+
+def test_a_second_agent_on_the_same_bpf_fs_path_exits_with_one_line(topo, grpc_collector,
+                                                                    bpffs) -> None:
+    env = {"PIN": "true", "BPF_FS_PATH": str(bpffs / "agent")}
+    with AgentProcess(topo, env, grpc_collector):
+        second = AgentProcess(topo, env, grpc_collector)
+        second.spawn()
+        result = second.wait(30)
+    assert result.returncode == 1
+    assert result.stderr_lines[-1] == (
+        f"ei-ebpf-agent: another agent is running with BPF_FS_PATH={bpffs / 'agent'}: give "
+        "each agent its own BPF_FS_PATH, or set PIN=false")

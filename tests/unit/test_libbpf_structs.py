@@ -19,7 +19,6 @@ STRUCTS = {
     libbpf.bpf_tc_hook: ("struct bpf_tc_hook", "bpf/libbpf.h", "all"),
     libbpf.bpf_tc_opts: ("struct bpf_tc_opts", "bpf/libbpf.h", "all"),
     libbpf.bpf_map_info: ("struct bpf_map_info", "linux/bpf.h", "prefix"),
-    libbpf.bpf_prog_info: ("struct bpf_prog_info", "linux/bpf.h", "prefix"),
     libbpf.bpf_test_run_opts: ("struct bpf_test_run_opts", "bpf/bpf.h", "all"),
 }
 

@@ -28,6 +28,8 @@ SUBSET = [
     "tests/integration/test_shutdown.py::*[[]SIGTERM[]]",
     "tests/integration/test_shutdown.py::test_tc_mode_*",
     "tests/integration/test_bad_config.py::*[[]TC_ATTACH_MODE[]]",
+    "tests/integration/test_restart.py::*[[]tc[]]",
+    "tests/integration/test_restart.py::test_kill9_in_tc_mode_*",
 ]
 
 

@@ -180,21 +180,6 @@ class Attacher:
         self.pins.unpin_link(if_index, direction)
         return None
 
-    def _filter_program(self, hook: libbpf.bpf_tc_hook) -> str | None:
-        """Name of the program of the filter at our priority and handle; None if none."""
-        query = libbpf.make_opts(libbpf.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
-        try:
-            libbpf.bpf_tc_query(ctypes.byref(hook), ctypes.byref(query))
-        except LibbpfError as error:
-            if error.errno in (errno.ENOENT, errno.EINVAL):
-                return None
-            raise
-        prog_fd = libbpf.bpf_prog_get_fd_by_id(query.prog_id)
-        try:
-            return libbpf.prog_info(prog_fd).name.decode(errors="replace")
-        finally:
-            os.close(prog_fd)
-
     def _attach_tc(self, if_index: int, direction: str) -> Attachment:
         point = libbpf.BPF_TC_INGRESS if direction == "ingress" else libbpf.BPF_TC_EGRESS
         with self._lock:
@@ -214,7 +199,7 @@ class Attacher:
             opts = libbpf.make_opts(libbpf.bpf_tc_opts, prog_fd=self.prog_fds[direction],
                                     handle=TC_HANDLE, priority=TC_PRIORITY)
             try:
-                left = self._filter_program(hook) if not qdisc.created else None
+                left = filter_program(if_index, direction) if not qdisc.created else None
                 if left is not None:
                     if left not in self.own_programs:
                         raise LibbpfError("bpf_tc_attach", errno.EEXIST)  # not ours: keep it
@@ -278,7 +263,7 @@ class Attacher:
                 hook = libbpf.make_opts(libbpf.bpf_tc_hook, ifindex=if_index,
                                         attach_point=point)
                 try:
-                    if self._filter_program(hook) not in self.own_programs:
+                    if filter_program(if_index, direction) not in self.own_programs:
                         continue
                     gone = libbpf.make_opts(libbpf.bpf_tc_opts, handle=TC_HANDLE,
                                             priority=TC_PRIORITY)
@@ -309,6 +294,28 @@ class Attacher:
                 attachment.detach()
             except OSError as error:
                 log.warning("cannot detach %r: %s", attachment, error)
+
+
+def filter_program(if_index: int, direction: str) -> str | None:
+    """Name of the program of the tc filter at our priority and handle, None if none.
+
+    Asked of netlink (the filter's TCA_BPF_NAME, "name:[id]"), which needs only
+    CAP_NET_ADMIN; looking the program up by id would need CAP_SYS_ADMIN.
+    """
+    from pyroute2 import IPRoute
+
+    parent = _TC_H_CLSACT_INGRESS if direction == "ingress" else _TC_H_CLSACT_EGRESS
+    try:
+        with IPRoute() as ipr:
+            for message in ipr.get_filters(index=if_index, parent=parent):
+                if message["handle"] == TC_HANDLE and message["info"] >> 16 == TC_PRIORITY:
+                    options = message.get_attr("TCA_OPTIONS")
+                    name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+                    return (name or "").split(":[", 1)[0]
+    except Exception as error:  # no clsact there, or netlink trouble: nothing of ours
+        # seen; attaching without REPLACE then fails rather than count a packet twice.
+        log.debug("cannot list the tc filters of interface index %d: %s", if_index, error)
+    return None
 
 
 def has_tc_filters(if_index: int) -> bool | None:

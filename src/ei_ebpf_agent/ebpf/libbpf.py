@@ -162,24 +162,6 @@ class bpf_test_run_opts(Structure):
     ]
 
 
-class bpf_prog_info(Structure):
-    # Leading part of the UAPI struct, up to the program's name.
-    _fields_ = [
-        ("type", c_uint32),
-        ("id", c_uint32),
-        ("tag", c_char * 8),
-        ("jited_prog_len", c_uint32),
-        ("xlated_prog_len", c_uint32),
-        ("jited_prog_insns", c_uint64),
-        ("xlated_prog_insns", c_uint64),
-        ("load_time", c_uint64),
-        ("created_by_uid", c_uint32),
-        ("nr_map_ids", c_uint32),
-        ("map_ids", c_uint64),
-        ("name", c_char * 16),
-    ]
-
-
 def make_opts(struct_type: type, **fields: Any) -> Any:
     """An option struct zeroed, with `sz` set to the size of our definition."""
     opts = struct_type(**fields)
@@ -261,7 +243,6 @@ _SIGNATURES: dict = {
     "bpf_obj_pin": ([c_int, c_char_p], c_int, _check_int, False),
     "bpf_obj_get": ([c_char_p], c_int, _check_int, False),
     "bpf_link_update": ([c_int, c_int, c_void_p], c_int, _check_int, False),
-    "bpf_prog_get_fd_by_id": ([c_uint32], c_int, _check_int, False),
     # 1 = supported, 0 = not, < 0 = cannot tell: the caller decides, no errcheck.
     "libbpf_probe_bpf_map_type": ([c_int, c_void_p], c_int, _check_none, False),
     "libbpf_probe_bpf_helper": ([c_int, c_int, c_void_p], c_int, _check_none, False),
@@ -350,14 +331,6 @@ def map_info(fd: int) -> bpf_map_info:
         _lib.bpf_map_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
     else:
         _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
-    return info
-
-
-def prog_info(fd: int) -> bpf_prog_info:
-    """Kernel's description of the program behind `fd` (id, name, ...)."""
-    info = bpf_prog_info()
-    size = c_uint32(ctypes.sizeof(info))
-    _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
     return info
 
 
