@@ -18,6 +18,8 @@ import os
 import re
 import resource
 
+from ei_ebpf_agent.errors import AgentStartError
+
 MISSING_PRIVILEGES = (
     "needs root or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN "
     "(and CAP_SYS_RESOURCE on kernels before 5.11)"
@@ -132,3 +134,11 @@ def privileges_message(action: str) -> str:
     if mode and mode != "none":
         message += f"; the kernel is locked down ({mode}), which can forbid BPF even to root"
     return message
+
+
+def start_error(action: str, error: OSError, hint: str = "") -> AgentStartError:
+    """The one-line AgentStartError for `action` failing with `error`: the privileges
+    line when it was refused, else the error itself (and `hint`)."""
+    if is_permission_error(error):
+        return AgentStartError(privileges_message(action))
+    return AgentStartError(f"{action}: {error}{hint}")

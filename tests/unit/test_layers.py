@@ -17,9 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "ei_ebpf_agent"
 # low -> high: the kernel's ABI and plain helpers, the eBPF object, flows, settings,
 # exporters, metrics, the agent, the command line.
 LAYERS = [
-    {"ei_ebpf_agent", "errors", "net", "privileges", "pbflow", "pbflow.flow_pb2",
+    {"ei_ebpf_agent", "errors", "net", "pbflow", "pbflow.flow_pb2",
      "ebpf.libbpf_log_bridge",
      "pbflow.flow_pb2_grpc", "ebpf", "ebpf.libbpf", "ebpf.layout"},
+    {"privileges"},
     {"ebpf.objects", "ebpf.features", "ebpf.attach", "ebpf.pins", "ebpf.adopt"},
     {"ebpf.loader"},
     {"flow", "flow.batch"},

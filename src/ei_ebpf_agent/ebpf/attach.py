@@ -32,8 +32,7 @@ from typing import Callable
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
 from ei_ebpf_agent.ebpf.pins import PinStore
-from ei_ebpf_agent.errors import AgentStartError
-from ei_ebpf_agent.privileges import is_permission_error, privileges_message
+from ei_ebpf_agent.privileges import is_permission_error, start_error
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +130,8 @@ class Attacher:
             attachment = (self._attach_tcx if use_tcx else self._attach_tc)(if_index, direction)
         except LibbpfError as error:
             if is_permission_error(error):
-                raise AgentStartError(privileges_message(
-                    f"cannot attach the {direction} program to interface index {if_index}"
-                )) from error
+                raise start_error(f"cannot attach the {direction} program to interface "
+                                  f"index {if_index}", error) from error
             raise
         with self._lock:
             self._attachments.append(attachment)

@@ -47,8 +47,7 @@ from typing import Callable
 
 from ei_ebpf_agent.ebpf import libbpf
 from ei_ebpf_agent.ebpf.libbpf import LibbpfError
-from ei_ebpf_agent.errors import AgentStartError
-from ei_ebpf_agent.privileges import is_permission_error, privileges_message
+from ei_ebpf_agent.privileges import start_error
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +261,8 @@ def probe(release: str | None = None) -> KernelFeatures:
         try:
             found[name] = function()
         except OSError as error:
-            if is_permission_error(error):
-                raise AgentStartError(
-                    privileges_message(f"cannot probe the kernel for {FEATURES[name][0]}")
-                ) from error
-            raise AgentStartError(
-                f"cannot probe the kernel for {FEATURES[name][0]}: {error}") from error
+            raise start_error(f"cannot probe the kernel for {FEATURES[name][0]}",
+                              error) from error
     return KernelFeatures(kernel=release or platform.release(), **found)
 
 

@@ -29,7 +29,7 @@ from ei_ebpf_agent.ebpf.libbpf import LibbpfError
 from ei_ebpf_agent.ebpf.objects import object_name, read_verified_object
 from ei_ebpf_agent.ebpf.pins import PinStore
 from ei_ebpf_agent.errors import AgentStartError
-from ei_ebpf_agent.privileges import is_permission_error, privileges_message
+from ei_ebpf_agent.privileges import start_error
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,8 @@ class FlowProgram:
                         _create_tables(obj, table_slots, tables)
                     libbpf.bpf_object__load(obj)
             except LibbpfError as error:
-                if is_permission_error(error):
-                    raise AgentStartError(
-                        privileges_message(f"cannot load eBPF object {name}")
-                    ) from error
-                raise AgentStartError(
-                    f"cannot load eBPF object {name}: {error} (libbpf's log says why)"
-                ) from error
+                raise start_error(f"cannot load eBPF object {name}", error,
+                                  " (libbpf's log says why)") from error
             program = cls(obj, buffer, name, cmpxchg=cmpxchg, table_slots=table_slots,
                           tcx=features.tcx, pins=pins)
             program.adopted = adopted is not None
@@ -361,13 +356,9 @@ def _create_tables(obj: Any, slots: int, stack: contextlib.ExitStack) -> None:
             fd = libbpf.bpf_map_create(BPF_MAP_TYPE_ARRAY, table.encode(), 4, FLOW_SLOT.itemsize,
                                        slots, ctypes.byref(opts))
         except LibbpfError as error:
-            if is_permission_error(error):
-                raise AgentStartError(privileges_message(f"cannot create map {table}")) from error
-            raise AgentStartError(
-                f"cannot create flow table {table} of {slots} slots "
-                f"({slots * FLOW_SLOT.itemsize / 2**20:.1f} MiB): {error} "
-                "(lower CACHE_MAX_FLOWS?)"
-            ) from error
+            raise start_error(f"cannot create flow table {table} of {slots} slots "
+                              f"({slots * FLOW_SLOT.itemsize / 2**20:.1f} MiB)", error,
+                              " (lower CACHE_MAX_FLOWS?)") from error
         stack.callback(os.close, fd)
         fds[table] = fd
         libbpf.bpf_map__reuse_fd(libbpf.bpf_object__find_map_by_name(obj, table.encode()), fd)
